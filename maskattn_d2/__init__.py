@@ -1,0 +1,8 @@
+"""maskattn_d2: MaskAttn-UNet and the hybrid-attention UNet as a Detectron2 project.
+
+Importing the package registers its components with detectron2's registries.
+"""
+from .config import add_maskattn_config
+
+__version__ = "0.1.0"
+__all__ = ["add_maskattn_config", "__version__"]

@@ -1,0 +1,164 @@
+"""Config keys of maskattn_d2.
+
+Every key has a one-line comment: meaning, units, allowed values. Keys that detectron2
+already has (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``, ``IGNORE_VALUE``, ``LOSS_WEIGHT``, ``NORM``)
+are reused rather than duplicated.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_maskattn_config(cfg):
+    """Add the maskattn_d2 keys (with their defaults) to a detectron2 config, in place."""
+    # Meta-architecture in META_ARCH_REGISTRY: "MaskAttnUNet" (all four variants).
+    cfg.MODEL.META_ARCHITECTURE = "MaskAttnUNet"
+    # Backbone builder in BACKBONE_REGISTRY.
+    cfg.MODEL.BACKBONE.NAME = "build_maskattn_unet_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0  # UNet is trained from scratch: nothing frozen
+
+    # ---------------------------------------------------------------- UNet backbone
+    cfg.MODEL.MASK_ATTN_UNET = CN()
+    # Input channels of the image (3 for RGB).
+    cfg.MODEL.MASK_ATTN_UNET.IN_CHANNELS = 3
+    # Channels of each encoder stage, shallowest first; stage i has stride 2**i, so
+    # len(CHANNELS) sets the depth (5 stages: strides 1, 2, 4, 8, 16).
+    cfg.MODEL.MASK_ATTN_UNET.CHANNELS = [32, 64, 128, 256, 512]
+    # Number of [conv3x3-norm-act] blocks per encoder and decoder stage (>= 1).
+    cfg.MODEL.MASK_ATTN_UNET.CONVS_PER_STAGE = 2
+    # Normalisation after each conv: "BN", "GN", "SyncBN", "NaiveSyncBN" or "" (none).
+    cfg.MODEL.MASK_ATTN_UNET.NORM = "BN"
+    # Activation after each norm: "relu", "gelu" or "silu".
+    cfg.MODEL.MASK_ATTN_UNET.ACTIVATION = "relu"
+    # Backbone outputs returned by forward(): "dec1" is the stride-1 decoder output
+    # (fused across scales when HYBRID_ATTN.MULTISCALE_FUSION); "decS"/"encS" for stride S.
+    cfg.MODEL.MASK_ATTN_UNET.OUT_FEATURES = ["dec1"]
+
+    # ---------------------------------------------------------- Mask attention module
+    cfg.MODEL.MASK_ATTN = CN()
+    # Strides of the encoder stages followed by a mask attention module (subset of the
+    # stage strides; [] disables MAM in the encoder).
+    cfg.MODEL.MASK_ATTN.ENCODER_SCALES = [4, 8, 16]
+    # Strides of the decoder stages followed by a mask attention module ([] disables).
+    cfg.MODEL.MASK_ATTN.DECODER_SCALES = [4, 8]
+    # Attention heads per module (must divide the stage's channels).
+    cfg.MODEL.MASK_ATTN.NUM_HEADS = 4
+    # Kind of additive attention mask: "gate" (soft learned key gate, log sigmoid),
+    # "hard" (keys with gate < 0.5 get -inf), "bias" (learned bias table over a fixed
+    # token grid) or "none" (plain multi-head self-attention, the ablation).
+    cfg.MODEL.MASK_ATTN.MASK_KIND = "gate"
+    # Most key/value tokens per module; above it keys/values are average-pooled
+    # (spatial-reduction attention) so memory is linear in pixels.
+    cfg.MODEL.MASK_ATTN.MAX_TOKENS = 256
+    # Hidden width of the module's feed-forward network, as a multiple of channels.
+    cfg.MODEL.MASK_ATTN.FFN_RATIO = 2.0
+    # Dropout probability on attention output and FFN (0 disables).
+    cfg.MODEL.MASK_ATTN.DROPOUT = 0.0
+    # Weight of the BCE loss supervising the gates with the "thing" mask (0 disables;
+    # only meaningful for MASK_KIND "gate" or "hard").
+    cfg.MODEL.MASK_ATTN.GATE_LOSS_WEIGHT = 0.0
+
+    # -------------------------------------------------- Hybrid attention (paper 2)
+    cfg.MODEL.HYBRID_ATTN = CN()
+    # Channel + spatial attention (CBAM style) on every skip connection.
+    cfg.MODEL.HYBRID_ATTN.SKIP_ATTENTION = False
+    # Fuse all decoder outputs (upsampled to stride 1, concatenated, 1x1 conv) into "dec1".
+    cfg.MODEL.HYBRID_ATTN.MULTISCALE_FUSION = False
+    # Channel-attention bottleneck reduction ratio (hidden = max(C // ratio, 8)).
+    cfg.MODEL.HYBRID_ATTN.CHANNEL_REDUCTION = 16
+    # Kernel size of the spatial-attention conv (odd).
+    cfg.MODEL.HYBRID_ATTN.SPATIAL_KERNEL = 7
+
+    # ---------------------------------------------------------------- semantic head
+    # NUM_CLASSES (stuff + thing classes, contiguous ids), IGNORE_VALUE and
+    # LOSS_WEIGHT are detectron2's own keys.
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "MaskAttnSemSegHead"
+    # Backbone feature the head reads.
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["dec1"]
+    # Channels of the head's hidden 3x3 conv.
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 64
+    # Normalisation in the head (same choices as MASK_ATTN_UNET.NORM).
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
+    # alpha of L_sem = alpha * CE + (1 - alpha) * Dice; 1.0 is CE only (paper 1),
+    # paper 2 uses a CE+Dice mix.
+    cfg.MODEL.SEM_SEG_HEAD.CE_WEIGHT = 1.0
+    # Hard-pixel mining: fraction of the highest-loss valid pixels kept in the CE
+    # term, in (0, 1]; 1.0 disables mining.
+    cfg.MODEL.SEM_SEG_HEAD.TOP_K_PERCENT_PIXELS = 1.0
+
+    # ------------------------------------------------------ pixel-embedding head
+    cfg.MODEL.EMBED_HEAD = CN()
+    # Name in EMBED_HEAD_REGISTRY.
+    cfg.MODEL.EMBED_HEAD.NAME = "MaskAttnEmbedHead"
+    # Backbone feature the head reads.
+    cfg.MODEL.EMBED_HEAD.IN_FEATURES = ["dec1"]
+    # Channels of the head's hidden 3x3 conv.
+    cfg.MODEL.EMBED_HEAD.CONVS_DIM = 64
+    # Normalisation in the head (same choices as MASK_ATTN_UNET.NORM).
+    cfg.MODEL.EMBED_HEAD.NORM = "BN"
+    # Dimension D of the L2-normalised pixel embeddings.
+    cfg.MODEL.EMBED_HEAD.EMBED_DIM = 16
+    # lambda: weight of the instance contrastive loss (0 disables it).
+    cfg.MODEL.EMBED_HEAD.LOSS_WEIGHT = 1.0
+    # tau: temperature of the contrastive loss (> 0).
+    cfg.MODEL.EMBED_HEAD.TEMPERATURE = 0.1
+    # Pixels sampled per ground-truth instance (balanced sampling, so small objects count).
+    cfg.MODEL.EMBED_HEAD.SAMPLES_PER_INSTANCE = 32
+    # Cap on sampled pixels per image (memory: the loss builds a samples x samples matrix).
+    cfg.MODEL.EMBED_HEAD.MAX_SAMPLES_PER_IMAGE = 512
+
+    # ------------------------------------------------------------ postprocessing
+    cfg.MODEL.MASK_ATTN_POSTPROCESS = CN()
+    # How thing pixels become instances: "embedding" (cluster the pixel embeddings) or
+    # "connected_components" (the paper's official inference: connected components of
+    # the semantic map, per thing class).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = "embedding"
+    # Cosine similarity to a cluster's seed above which a pixel joins the cluster, in (-1, 1).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SIMILARITY_THRESHOLD = 0.7
+    # Instances smaller than this many pixels (at network resolution) are dropped.
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.MIN_INSTANCE_AREA = 8
+    # Most instances kept per image (highest scores first).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.MAX_INSTANCES = 100
+    # Stuff segments smaller than this many pixels (at network resolution) become void.
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.STUFF_AREA = 16
+    # Instances with a score below this are dropped from "instances" and "panoptic_seg".
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SCORE_THRESHOLD = 0.0
+    # Panoptic id = class * LABEL_DIVISOR + instance; only used in "panoptic_seg" when
+    # segments_info is not consulted (detectron2 evaluators use segments_info).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.LABEL_DIVISOR = 1000
+    # Which outputs inference returns (detectron2 standard keys).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEMANTIC_ON = True
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_ON = True
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.PANOPTIC_ON = True
+
+    # -------------------------------------------------------------------- input
+    # Network input size (height, width) in pixels; every image is resized to it.
+    cfg.INPUT.NETWORK_SIZE = (128, 128)
+    # Aspect handling when resizing to NETWORK_SIZE: "stretch" (paper: plain resize).
+    cfg.INPUT.RESIZE_MODE = "stretch"
+    # Random resized crop in training: range of the crop's area fraction of the image.
+    cfg.INPUT.RANDOM_CROP_SCALE = (0.5, 1.0)
+    # Probability of a horizontal flip in training.
+    cfg.INPUT.FLIP_PROB = 0.5
+    # Colour jitter in training: max relative change of brightness/contrast/saturation (0 off).
+    cfg.INPUT.COLOR_JITTER = 0.2
+    # Instances covering fewer pixels than this at network size are ignored by the
+    # contrastive loss.
+    cfg.INPUT.MIN_INSTANCE_PIXELS = 4
+    # Name of the train dataset mapper: "MaskAttnPanopticMapper".
+    cfg.INPUT.DATASET_MAPPER_NAME = "MaskAttnPanopticMapper"
+
+    # ------------------------------------------------------------------- solver
+    # Optimizer: "ADAMW" (both papers) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # LR schedule: detectron2's "WarmupCosineLR" by default.
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
+    cfg.SOLVER.BASE_LR = 5e-4
+    cfg.SOLVER.WEIGHT_DECAY = 1e-4
+    # Automatic mixed precision: used on GPU only, ignored on CPU.
+    cfg.SOLVER.AMP.ENABLED = True
+
+    # --------------------------------------------------------------- evaluation
+    # Also report the paper's protocol: PQ computed at NETWORK_SIZE (ground truth
+    # downsampled with nearest), labelled "paper protocol" beside the standard numbers.
+    cfg.TEST.PAPER_PROTOCOL = False
+    # Evaluators to run on panoptic datasets: subset of "panoptic", "instance", "semantic".
+    cfg.TEST.EVALUATORS = ["panoptic", "instance", "semantic"]
