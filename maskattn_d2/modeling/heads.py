@@ -1,0 +1,177 @@
+"""Prediction heads on the UNet features: semantic logits and pixel embeddings.
+
+The heads only predict; losses live in ``maskattn_d2.modeling.losses`` and are applied by
+the meta-architecture.
+"""
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from detectron2.utils.registry import Registry
+
+from .backbone.blocks import ConvBlock
+
+__all__ = [
+    "EMBED_HEAD_REGISTRY",
+    "MaskAttnSemSegHead",
+    "MaskAttnEmbedHead",
+    "build_embed_head",
+]
+
+EMBED_HEAD_REGISTRY = Registry("EMBED_HEAD")
+EMBED_HEAD_REGISTRY.__doc__ = """
+Registry for pixel-embedding heads, which predict per-pixel embeddings from backbone
+features.
+
+The registered object is called with ``obj(cfg, input_shape)``, where ``input_shape`` is
+the backbone's ``output_shape()`` (Dict[str, ShapeSpec]). It must return an ``nn.Module``
+whose ``forward(features: Dict[str, Tensor])`` returns (B, D, H, W) embeddings, with
+D = ``cfg.MODEL.EMBED_HEAD.EMBED_DIM``, L2-normalised along dim 1.
+"""
+
+
+def _check_in_feature(input_shape: Dict[str, ShapeSpec], in_feature: str) -> ShapeSpec:
+    if in_feature not in input_shape:
+        raise ValueError(
+            f"in_feature {in_feature!r} is not a backbone output; have {sorted(input_shape)}"
+        )
+    return input_shape[in_feature]
+
+
+class _ConvPredictor(nn.Module):
+    """conv3x3-norm-ReLU then a 1x1 predictor, on one named feature."""
+
+    def __init__(self, in_channels: int, out_channels: int, convs_dim: int, norm: str):
+        super().__init__()
+        if out_channels < 1 or convs_dim < 1:
+            raise ValueError(
+                f"out_channels and convs_dim must be positive, got {out_channels}, {convs_dim}"
+            )
+        self.conv = ConvBlock(in_channels, convs_dim, num_convs=1, norm=norm, activation="relu")
+        self.predictor = nn.Conv2d(convs_dim, out_channels, kernel_size=1)
+        # Small initial outputs, as detectron2's semantic heads do.
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.conv(x))
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class MaskAttnSemSegHead(nn.Module):
+    """Semantic head: one backbone feature -> (B, num_classes, H_f, W_f) logits.
+
+    Unlike detectron2's ``SemSegFPNHead`` it computes no loss and returns logits at the
+    feature's resolution.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        in_feature: str,
+        convs_dim: int = 64,
+        norm: str = "BN",
+    ):
+        """
+        Args:
+            input_shape: backbone output shapes.
+            num_classes: classes predicted (stuff + things).
+            in_feature: name of the backbone feature the head reads.
+            convs_dim: channels of the hidden 3x3 conv.
+            norm: normalisation after the hidden conv ("BN", "GN", "SyncBN",
+                "NaiveSyncBN" or "").
+        """
+        super().__init__()
+        shape = _check_in_feature(input_shape, in_feature)
+        self.in_feature = in_feature
+        self.num_classes = num_classes
+        self.head = _ConvPredictor(shape.channels, num_classes, convs_dim, norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        h = cfg.MODEL.SEM_SEG_HEAD
+        return {
+            "input_shape": input_shape,
+            "num_classes": h.NUM_CLASSES,
+            "in_feature": h.IN_FEATURES[0],
+            "convs_dim": h.CONVS_DIM,
+            "norm": h.NORM,
+        }
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            features: backbone outputs; ``features[in_feature]`` is (B, C, H_f, W_f).
+
+        Returns:
+            (B, num_classes, H_f, W_f) logits.
+        """
+        return self.head(features[self.in_feature])
+
+
+@EMBED_HEAD_REGISTRY.register()
+class MaskAttnEmbedHead(nn.Module):
+    """Embedding head: one backbone feature -> (B, D, H_f, W_f) unit-norm pixel embeddings."""
+
+    # Lower bound on the norm before dividing; large enough to stay non-zero in fp16.
+    EPS = 1e-6
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        in_feature: str,
+        embed_dim: int,
+        convs_dim: int = 64,
+        norm: str = "BN",
+    ):
+        """
+        Args:
+            input_shape: backbone output shapes.
+            in_feature: name of the backbone feature the head reads.
+            embed_dim: D, dimension of the embeddings.
+            convs_dim: channels of the hidden 3x3 conv.
+            norm: normalisation after the hidden conv (as :class:`MaskAttnSemSegHead`).
+        """
+        super().__init__()
+        shape = _check_in_feature(input_shape, in_feature)
+        self.in_feature = in_feature
+        self.embed_dim = embed_dim
+        self.head = _ConvPredictor(shape.channels, embed_dim, convs_dim, norm)
+        # Embeddings are normalised, so the predictor's tiny init would only slow learning.
+        nn.init.kaiming_normal_(self.head.predictor.weight, mode="fan_in", nonlinearity="linear")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        h = cfg.MODEL.EMBED_HEAD
+        return {
+            "input_shape": input_shape,
+            "in_feature": h.IN_FEATURES[0],
+            "embed_dim": h.EMBED_DIM,
+            "convs_dim": h.CONVS_DIM,
+            "norm": h.NORM,
+        }
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            features: backbone outputs; ``features[in_feature]`` is (B, C, H_f, W_f).
+
+        Returns:
+            (B, embed_dim, H_f, W_f) embeddings with unit L2 norm along dim 1.
+        """
+        return F.normalize(self.head(features[self.in_feature]), dim=1, eps=self.EPS)
+
+
+def build_embed_head(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
+    """Build the embedding head named by ``cfg.MODEL.EMBED_HEAD.NAME``."""
+    return EMBED_HEAD_REGISTRY.get(cfg.MODEL.EMBED_HEAD.NAME)(cfg, input_shape)

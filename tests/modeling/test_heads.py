@@ -1,0 +1,97 @@
+"""Tests of the semantic and embedding heads."""
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY, build_sem_seg_head
+
+from maskattn_d2.config import add_maskattn_config
+from maskattn_d2.modeling.heads import (
+    EMBED_HEAD_REGISTRY,
+    MaskAttnEmbedHead,
+    MaskAttnSemSegHead,
+    build_embed_head,
+)
+
+SHAPES = {"dec1": ShapeSpec(channels=8, stride=1), "dec2": ShapeSpec(channels=16, stride=2)}
+
+
+def _features(batch=2, size=32):
+    torch.manual_seed(0)
+    return {
+        "dec1": torch.randn(batch, 8, size, size),
+        "dec2": torch.randn(batch, 16, size // 2, size // 2),
+    }
+
+
+def _cfg():
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 7
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 12
+    cfg.MODEL.EMBED_HEAD.CONVS_DIM = 12
+    cfg.MODEL.EMBED_HEAD.EMBED_DIM = 5
+    return cfg
+
+
+def test_registries_contain_heads():
+    assert "MaskAttnSemSegHead" in SEM_SEG_HEADS_REGISTRY
+    assert "MaskAttnEmbedHead" in EMBED_HEAD_REGISTRY
+    assert "obj(cfg, input_shape)" in EMBED_HEAD_REGISTRY.__doc__
+
+
+@pytest.mark.parametrize("norm", ["BN", "GN", ""])
+def test_sem_seg_head_shapes(norm):
+    head = MaskAttnSemSegHead(SHAPES, num_classes=5, in_feature="dec2", convs_dim=12, norm=norm)
+    feats = _features()
+    logits = head(feats)
+    assert logits.shape == (2, 5, 16, 16)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_embed_head_is_unit_norm():
+    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="GN")
+    emb = head(_features())
+    assert emb.shape == (2, 6, 32, 32)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2, 32, 32), atol=1e-5, rtol=0)
+    # Embeddings are not collapsed to one direction at initialisation.
+    flat = emb.permute(0, 2, 3, 1).reshape(-1, 6)
+    assert (flat @ flat.T).min() < 0.5
+
+
+def test_embed_head_zero_input_is_finite():
+    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=4, norm="").eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+    emb = head({"dec1": torch.zeros(1, 8, 4, 4)})
+    assert torch.isfinite(emb).all()
+
+
+def test_heads_from_config():
+    cfg = _cfg()
+    sem = build_sem_seg_head(cfg, SHAPES)
+    emb = build_embed_head(cfg, SHAPES)
+    assert isinstance(sem, MaskAttnSemSegHead) and isinstance(emb, MaskAttnEmbedHead)
+    assert sem.in_feature == "dec1" and sem.num_classes == 7
+    assert sem.head.conv[0].out_channels == 12
+    feats = _features(batch=1, size=16)
+    assert sem(feats).shape == (1, 7, 16, 16)
+    out = emb(feats)
+    assert out.shape == (1, 5, 16, 16)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(1, 16, 16), atol=1e-5, rtol=0)
+
+
+def test_unknown_names_and_features_raise():
+    cfg = _cfg()
+    cfg.MODEL.EMBED_HEAD.NAME = "NoSuchHead"
+    with pytest.raises(KeyError):
+        build_embed_head(cfg, SHAPES)
+    cfg = _cfg()
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["dec4"]
+    with pytest.raises(ValueError, match="dec4"):
+        build_sem_seg_head(cfg, SHAPES)
+    with pytest.raises(ValueError, match="in_feature"):
+        MaskAttnEmbedHead(SHAPES, in_feature="enc1", embed_dim=4)
