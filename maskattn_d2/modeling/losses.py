@@ -1,0 +1,386 @@
+"""Training losses of MaskAttn-UNet: semantic (CE + Dice), instance contrastive and gate BCE.
+
+All functions are config-free and work on CPU and CUDA. Shapes use B = batch, K = classes,
+D = embedding dimension, (H, W) = target resolution.
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "semantic_loss",
+    "dice_loss",
+    "instance_contrastive_loss",
+    "sample_instance_pixels",
+    "gate_loss",
+]
+
+
+def _check_semantic_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.dim() != 4:
+        raise ValueError(f"logits must have shape (B, K, H, W), got {tuple(logits.shape)}.")
+    if targets.dim() != 3:
+        raise ValueError(f"targets must have shape (B, H, W), got {tuple(targets.shape)}.")
+    if logits.shape[0] != targets.shape[0] or logits.shape[2:] != targets.shape[1:]:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on "
+            "batch size or spatial size."
+        )
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold integer class ids, got dtype {targets.dtype}.")
+
+
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255, smooth: float = 1.0
+) -> torch.Tensor:
+    """
+    Soft multi-class Dice loss over the valid pixels of a batch.
+
+    Per class k, with softmax probabilities p and one-hot targets g restricted to valid pixels
+    and summed over the whole batch, ``dice_k = (2 * sum(p_k g_k) + smooth) /
+    (sum(p_k) + sum(g_k) + smooth)``. The loss is the mean of ``1 - dice_k`` over the classes
+    present in the target or in the prediction (argmax) on valid pixels: classes absent from
+    both would score a trivial ``dice_k ~ 1`` and only dilute the loss, and summing over the
+    batch keeps rare classes from giving noisy per-image ratios.
+
+    Args:
+        logits: (B, K, H, W) unnormalised class scores.
+        targets: (B, H, W) int64 class ids in [0, K), or ``ignore_index`` for void.
+        ignore_index: target value of pixels that do not contribute.
+        smooth: additive smoothing of numerator and denominator (> 0).
+
+    Returns:
+        Scalar tensor; ``logits.sum() * 0`` if no pixel is valid.
+    """
+    _check_semantic_inputs(logits, targets)
+    valid = targets != ignore_index
+    if not bool(valid.any()):
+        return logits.sum() * 0
+    num_classes = logits.shape[1]
+    probs = F.softmax(logits.float(), dim=1)
+    # Gather p at each valid pixel's target class, then sum per class: avoids a (B,K,H,W)
+    # one-hot tensor.
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    p_target = probs.gather(1, safe_targets[:, None]).squeeze(1)[valid]
+    target_valid = targets[valid]
+    intersection = probs.new_zeros(num_classes).index_add(0, target_valid, p_target)
+    target_area = torch.bincount(target_valid, minlength=num_classes).to(probs.dtype)
+    pred_area = (probs * valid[:, None]).sum(dim=(0, 2, 3))
+    dice = (2 * intersection + smooth) / (pred_area + target_area + smooth)
+    predicted = torch.bincount(logits.argmax(dim=1)[valid], minlength=num_classes) > 0
+    present = (target_area > 0) | predicted
+    return (1 - dice)[present].mean()
+
+
+def _cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, top_k_percent_pixels: float
+) -> torch.Tensor:
+    """Mean pixel CE over valid pixels, or over the top-k fraction of them (hard mining)."""
+    pixel_losses = F.cross_entropy(
+        logits.float(), targets, ignore_index=ignore_index, reduction="none"
+    )
+    pixel_losses = pixel_losses[targets != ignore_index]
+    if top_k_percent_pixels < 1.0:
+        # Panoptic-DeepLab style: keep the hardest pixels only, at least one.
+        k = max(1, int(top_k_percent_pixels * pixel_losses.numel()))
+        pixel_losses = torch.topk(pixel_losses, k, sorted=False).values
+    return pixel_losses.mean()
+
+
+def semantic_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    ce_weight: float = 1.0,
+    top_k_percent_pixels: float = 1.0,
+) -> torch.Tensor:
+    """
+    ``L_sem = ce_weight * CE + (1 - ce_weight) * Dice`` (a term with weight 0 is not computed).
+
+    Args:
+        logits: (B, K, H, W) unnormalised class scores.
+        targets: (B, H, W) int64 class ids in [0, K), or ``ignore_index`` for void.
+        ignore_index: target value of pixels that do not contribute to either term.
+        ce_weight: alpha in [0, 1]; 1 is pure cross-entropy, 0 pure Dice (see :func:`dice_loss`).
+        top_k_percent_pixels: in (0, 1]; below 1, the CE term averages only the
+            ``int(top_k_percent_pixels * #valid)`` highest per-pixel losses (at least one),
+            pooled over the batch; 1 is the plain mean over valid pixels.
+
+    Returns:
+        Scalar tensor; ``logits.sum() * 0`` (zero that keeps the graph) if no pixel is valid.
+    """
+    _check_semantic_inputs(logits, targets)
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}.")
+    if not 0.0 < top_k_percent_pixels <= 1.0:
+        raise ValueError(f"top_k_percent_pixels must be in (0, 1], got {top_k_percent_pixels}.")
+    if not bool((targets != ignore_index).any()):
+        return logits.sum() * 0
+    loss = logits.new_zeros((), dtype=torch.float32)
+    if ce_weight > 0:
+        loss = loss + ce_weight * _cross_entropy(
+            logits, targets, ignore_index, top_k_percent_pixels
+        )
+    if ce_weight < 1:
+        loss = loss + (1 - ce_weight) * dice_loss(logits, targets, ignore_index)
+    return loss
+
+
+def _random_keys(n: int, device: torch.device, generator: Optional[torch.Generator]):
+    """n uniform keys on ``device``; drawn on the generator's own device when one is given,
+    so that a CPU generator also drives sampling for CUDA tensors."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, device=generator.device, generator=generator).to(device)
+
+
+def _balanced_quotas(
+    counts: torch.Tensor, samples_per_instance: int, max_samples: int, priority: torch.Tensor
+) -> torch.Tensor:
+    """
+    Samples to draw per instance: ``min(count, samples_per_instance)``, lowered evenly
+    (water-filling) when their total exceeds ``max_samples``.
+
+    Args:
+        counts: (M,) int64 pixels per instance, all >= 1.
+        samples_per_instance: per-instance maximum.
+        max_samples: cap on the total.
+        priority: (M,) float; where the cap leaves a remainder, the instances with the lowest
+            priority among those that can take one more sample get it.
+
+    Returns:
+        (M,) int64 quotas, each <= its count, summing to ``min(max_samples, sum(min(counts,
+        samples_per_instance)))``.
+    """
+    quota = counts.clamp(max=samples_per_instance)
+    total = int(quota.sum())
+    if total <= max_samples:
+        return quota
+    # Largest level q with sum(min(quota, q)) <= max_samples. At the sorted breakpoints a_j the
+    # total is prefix_j + (M - j) * a_j; on the first segment that overshoots it is linear in q.
+    sorted_quota = quota.sort().values
+    num = sorted_quota.numel()
+    prefix = torch.cumsum(sorted_quota, 0) - sorted_quota
+    remaining = num - torch.arange(num, device=quota.device)
+    over = prefix + remaining * sorted_quota > max_samples
+    j = int(torch.nonzero(over)[0, 0])
+    level = (max_samples - int(prefix[j])) // int(remaining[j])
+    quota = quota.clamp(max=level)
+    leftover = max_samples - int(quota.sum())
+    if leftover > 0:
+        # Instances still above the level can take one more; hand out the remainder.
+        eligible = counts > level
+        order = torch.where(eligible, priority, torch.full_like(priority, math.inf)).argsort()
+        quota[order[:leftover]] += 1
+    return quota
+
+
+def sample_instance_pixels(
+    instance_ids: torch.Tensor,
+    *,
+    samples_per_instance: int,
+    max_samples: int,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Balanced uniform sampling without replacement of the pixels of each instance.
+
+    Every instance gets ``min(count, samples_per_instance)`` pixels; when their total exceeds
+    ``max_samples`` the per-instance number is lowered evenly (small instances keep all their
+    pixels, large ones are cut to a common level). Vectorised: random keys, a sort by
+    (instance, key), and a rank within each instance's segment.
+
+    Args:
+        instance_ids: (N,) int64 flat instance map of one image; values <= 0 are ignored,
+            k >= 1 is instance k.
+        samples_per_instance: most pixels per instance (>= 1).
+        max_samples: most pixels in total (>= 1).
+        generator: optional torch.Generator for reproducible sampling (any device).
+
+    Returns:
+        indices: (S,) int64 positions into ``instance_ids`` of the sampled pixels.
+        labels: (S,) int64 compact instance labels in [0, M), M = number of instances.
+    """
+    if instance_ids.dim() != 1:
+        raise ValueError(f"instance_ids must be flat (N,), got {tuple(instance_ids.shape)}.")
+    device = instance_ids.device
+    pixels = torch.nonzero(instance_ids > 0).squeeze(1)
+    if pixels.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    _, labels = torch.unique(instance_ids[pixels], return_inverse=True)
+    counts = torch.bincount(labels)
+    quotas = _balanced_quotas(
+        counts,
+        samples_per_instance,
+        max_samples,
+        _random_keys(counts.numel(), device, generator),
+    )
+    # Random order first, then a stable sort by instance: each instance's segment is a
+    # uniformly random permutation of its pixels, so its first `quota` entries are a sample.
+    order = torch.argsort(_random_keys(pixels.numel(), device, generator))
+    order = order[torch.argsort(labels[order], stable=True)]
+    sorted_labels = labels[order]
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=device) - starts[sorted_labels]
+    keep = rank < quotas[sorted_labels]
+    return pixels[order[keep]], sorted_labels[keep]
+
+
+def _supcon_anchor_losses(
+    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """
+    Per-anchor supervised contrastive losses of one sampled set.
+
+    Args:
+        embeddings: (S, D) float, L2-normalised.
+        labels: (S,) int64 instance labels.
+        temperature: tau > 0.
+
+    Returns:
+        (A,) losses of the anchors that have at least one positive.
+    """
+    num = labels.numel()
+    logits = embeddings @ embeddings.t() / temperature
+    self_mask = torch.eye(num, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(self_mask, -math.inf)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    num_positives = positives.sum(dim=1)
+    # where(), not a product: the diagonal of log_prob is -inf and -inf * 0 is nan.
+    pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+    has_positive = num_positives > 0
+    return -pos_log_prob[has_positive] / num_positives[has_positive]
+
+
+def instance_contrastive_loss(
+    embeddings: torch.Tensor,
+    instance_ids: torch.Tensor,
+    *,
+    temperature: float = 0.1,
+    samples_per_instance: int = 32,
+    max_samples_per_image: int = 512,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """
+    Supervised contrastive loss between sampled pixel embeddings of ground-truth instances.
+
+    Per image, pixels are sampled with :func:`sample_instance_pixels` (set S). For an anchor i
+    in S with positives P(i) (other S pixels of its instance),
+    ``l(i, k) = -log(exp(e_i.e_k / tau) / sum_{m in S, m != i} exp(e_i.e_m / tau))`` is averaged
+    over k in P(i), then over all anchors with |P(i)| >= 1 of all images. Images with fewer
+    than two sampled instances contribute nothing (they have no negatives). Only an |S| x |S|
+    similarity matrix is built per image (|S| <= max_samples_per_image).
+
+    Args:
+        embeddings: (B, D, H, W) L2-normalised pixel embeddings (computed in float32).
+        instance_ids: (B, H, W) int64; 0 = excluded (stuff, void, crowd, tiny instances),
+            k >= 1 = instance k of that image.
+        temperature: tau > 0.
+        samples_per_instance: pixels sampled per instance (>= 1).
+        max_samples_per_image: cap on sampled pixels per image (>= 2).
+        generator: optional torch.Generator for the sampling (any device; keys are drawn on the
+            generator's device and moved to the embeddings' device).
+
+    Returns:
+        Scalar tensor; ``embeddings.sum() * 0`` if no anchor contributes.
+    """
+    if embeddings.dim() != 4:
+        raise ValueError(
+            f"embeddings must have shape (B, D, H, W), got {tuple(embeddings.shape)}."
+        )
+    if instance_ids.dim() != 3:
+        raise ValueError(
+            f"instance_ids must have shape (B, H, W), got {tuple(instance_ids.shape)}."
+        )
+    if (
+        embeddings.shape[0] != instance_ids.shape[0]
+        or embeddings.shape[2:] != instance_ids.shape[1:]
+    ):
+        raise ValueError(
+            f"embeddings {tuple(embeddings.shape)} and instance_ids {tuple(instance_ids.shape)} "
+            "disagree on batch size or spatial size."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if samples_per_instance < 1 or max_samples_per_image < 2:
+        raise ValueError(
+            f"samples_per_instance must be >= 1 and max_samples_per_image >= 2, got "
+            f"{samples_per_instance} and {max_samples_per_image}."
+        )
+    anchor_losses = []
+    for image_embeddings, image_ids in zip(embeddings, instance_ids):
+        indices, labels = sample_instance_pixels(
+            image_ids.flatten(),
+            samples_per_instance=samples_per_instance,
+            max_samples=max_samples_per_image,
+            generator=generator,
+        )
+        if labels.numel() == 0 or int(labels.max()) == int(labels.min()):
+            continue  # fewer than two instances: no negatives
+        sampled = image_embeddings.flatten(1)[:, indices].t().float()
+        anchor_losses.append(_supcon_anchor_losses(sampled, labels, temperature))
+    if not anchor_losses:
+        return embeddings.sum() * 0
+    losses = torch.cat(anchor_losses)
+    if losses.numel() == 0:
+        return embeddings.sum() * 0
+    return losses.mean()
+
+
+def gate_loss(
+    gate_logits: Dict[str, torch.Tensor],
+    thing_mask: torch.Tensor,
+    *,
+    ignore_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """
+    BCE-with-logits between the mask-attention gates and the "thing" mask, mean over scales.
+
+    The target of a gate cell is soft: the fraction of thing pixels among the valid pixels the
+    cell covers (area pooling of the full-resolution masks), which keeps object boundaries
+    honest at coarse scales. A cell is ignored when more than half of its pixels are ignored.
+
+    Args:
+        gate_logits: name -> (B, 1, h, w) gate logits, one entry per scale (any h, w).
+        thing_mask: (B, H, W) bool or float, 1 where the pixel belongs to a thing class.
+        ignore_mask: optional (B, H, W) bool, True where the pixel is void.
+
+    Returns:
+        Scalar tensor; a 0-dim zero on ``thing_mask``'s device for an empty dict.
+    """
+    if thing_mask.dim() != 3:
+        raise ValueError(f"thing_mask must have shape (B, H, W), got {tuple(thing_mask.shape)}.")
+    if ignore_mask is not None and ignore_mask.shape != thing_mask.shape:
+        raise ValueError(
+            f"ignore_mask {tuple(ignore_mask.shape)} must match thing_mask "
+            f"{tuple(thing_mask.shape)}."
+        )
+    if not gate_logits:
+        return torch.zeros((), device=thing_mask.device)
+    valid = (
+        torch.ones_like(thing_mask, dtype=torch.float32)
+        if ignore_mask is None
+        else (~ignore_mask.bool()).float()
+    )[:, None]
+    things = thing_mask.float()[:, None] * valid
+    losses = []
+    for name, logits in gate_logits.items():
+        if logits.dim() != 4 or logits.shape[1] != 1 or logits.shape[0] != thing_mask.shape[0]:
+            raise ValueError(
+                f"gate '{name}' must have shape (B={thing_mask.shape[0]}, 1, h, w), got "
+                f"{tuple(logits.shape)}."
+            )
+        size = logits.shape[-2:]
+        valid_frac = F.adaptive_avg_pool2d(valid, size)
+        target = F.adaptive_avg_pool2d(things, size) / valid_frac.clamp(min=1e-6)
+        weight = (valid_frac > 0.5).float()
+        bce = F.binary_cross_entropy_with_logits(
+            logits.float(), target.clamp(0, 1), reduction="none"
+        )
+        losses.append((bce * weight).sum() / weight.sum().clamp(min=1.0))
+    return torch.stack(losses).mean()

@@ -1,0 +1,370 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.structures import BitMasks, Boxes, Instances
+from scipy import ndimage
+
+from maskattn_d2.modeling.clustering import cluster_embeddings, connected_components
+from maskattn_d2.modeling.postprocessing import (
+    MaskAttnPostProcessor,
+    connected_component_instances,
+    embedding_instances,
+    masks_to_boxes,
+    merge_semantic_and_instances,
+    resize_label_map,
+)
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
+# Classes of the synthetic scene: 0 sky, 3 road, 4 grass are stuff; 1 car, 2 person are things.
+SKY, CAR, PERSON, ROAD, GRASS = range(5)
+THING_IDS = [CAR, PERSON]
+NET, OUT = (64, 64), (100, 150)
+# (class, rows, cols) at network resolution; the two cars touch along column 20.
+OBJECTS = [
+    (CAR, (20, 40), (5, 20)),
+    (CAR, (20, 40), (20, 35)),
+    (PERSON, (10, 45), (45, 55)),
+]
+ROAD_ROWS = (50, 64)
+GRASS_BOX = ((5, 8), (30, 33))  # 9 pixels: below stuff_area=16
+
+
+def _scene(device, with_things=True, seed=0):
+    """Semantic logits (5, 64, 64) and embeddings (8, 64, 64) of the synthetic scene."""
+    g = torch.Generator().manual_seed(seed)
+    sem = torch.full(NET, SKY, dtype=torch.long)
+    sem[ROAD_ROWS[0] : ROAD_ROWS[1]] = ROAD
+    (r0, r1), (c0, c1) = GRASS_BOX
+    sem[r0:r1, c0:c1] = GRASS
+    basis = torch.eye(8)
+    embeddings = basis[0][:, None, None].repeat(1, *NET)
+    if with_things:
+        for k, (category, (r0, r1), (c0, c1)) in enumerate(OBJECTS):
+            sem[r0:r1, c0:c1] = category
+            embeddings[:, r0:r1, c0:c1] = basis[k + 1][:, None, None]
+    embeddings = F.normalize(embeddings + 0.1 * torch.randn(8, *NET, generator=g), dim=0)
+    logits = F.one_hot(sem, 5).permute(2, 0, 1).float() * 6 + 0.5 * torch.randn(
+        5, *NET, generator=g
+    )
+    return logits.to(device), embeddings.to(device)
+
+
+def _box_mask(rows, cols, size=OUT, net=NET):
+    """Ground-truth mask of a network-resolution box, scaled to the output size."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    sy, sx = size[0] / net[0], size[1] / net[1]
+    mask[round(rows[0] * sy) : round(rows[1] * sy), round(cols[0] * sx) : round(cols[1] * sx)] = 1
+    return mask
+
+
+def _iou(a, b):
+    return float((a & b).sum()) / float((a | b).sum())
+
+
+def _best_ious(pred_masks, gt_masks):
+    return [max(_iou(p.cpu(), gt) for p in pred_masks) for gt in gt_masks]
+
+
+def _postprocessor(**kwargs):
+    return MaskAttnPostProcessor(num_classes=5, thing_ids=THING_IDS, stuff_area=16, **kwargs)
+
+
+def _check_panoptic_consistency(panoptic, segments_info, size):
+    assert panoptic.shape == size and panoptic.dtype == torch.int32
+    ids = [s["id"] for s in segments_info]
+    assert len(set(ids)) == len(ids) and all(i >= 1 for i in ids)
+    present, counts = torch.unique(panoptic.cpu(), return_counts=True)
+    area_of = dict(zip(present.tolist(), counts.tolist()))
+    assert set(area_of) - {0} == set(ids)
+    for s in segments_info:
+        assert s["area"] == area_of[s["id"]]
+        assert s["isthing"] == (s["category_id"] in THING_IDS)
+
+
+# ------------------------------------------------------------------ full postprocessor
+@pytest.mark.parametrize("device", DEVICES)
+def test_embedding_postprocessor_separates_touching_instances(device):
+    logits, embeddings = _scene(device)
+    out = _postprocessor(instance_method="embedding")(logits, embeddings, OUT)
+    instances = out["instances"]
+    assert isinstance(instances, Instances) and instances.image_size == OUT
+    assert len(instances) == len(OBJECTS)
+    assert sorted(instances.pred_classes.tolist()) == sorted(c for c, _, _ in OBJECTS)
+    assert instances.pred_masks.shape == (len(OBJECTS), *OUT)
+    assert instances.pred_masks.dtype == torch.bool
+    gts = [_box_mask(rows, cols) for _, rows, cols in OBJECTS]
+    assert min(_best_ious(instances.pred_masks, gts)) > 0.95
+    for mask, category in zip(instances.pred_masks.cpu(), instances.pred_classes.tolist()):
+        matched = max(range(len(gts)), key=lambda i: _iou(mask, gts[i]))
+        assert category == OBJECTS[matched][0]
+    # Boxes are the masks' tight boxes; scores are sorted and in (0, 1].
+    assert torch.equal(instances.pred_boxes.tensor, masks_to_boxes(instances.pred_masks))
+    scores = instances.scores
+    assert torch.all(scores[:-1] >= scores[1:]) and torch.all((scores > 0.5) & (scores <= 1))
+    assert out["sem_seg"].shape == (5, *OUT)
+    assert torch.allclose(out["sem_seg"].sum(0), torch.ones(OUT, device=device), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_connected_components_merges_touching_same_class_instances(device):
+    logits, embeddings = _scene(device)
+    instances = _postprocessor(instance_method="connected_components")(
+        logits, embeddings, OUT
+    )["instances"]
+    assert len(instances) == len(OBJECTS) - 1
+    assert sorted(instances.pred_classes.tolist()) == [CAR, PERSON]
+    cars = _box_mask(*OBJECTS[0][1:]) | _box_mask(*OBJECTS[1][1:])
+    person = _box_mask(*OBJECTS[2][1:])
+    assert min(_best_ious(instances.pred_masks, [cars, person])) > 0.95
+    # Without embeddings too.
+    again = _postprocessor(instance_method="connected_components")(logits, None, OUT)
+    assert torch.equal(again["instances"].pred_masks, instances.pred_masks)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["embedding", "connected_components"])
+def test_panoptic_output_stuff_area_and_consistency(device, method):
+    logits, embeddings = _scene(device)
+    out = _postprocessor(instance_method=method)(logits, embeddings, OUT)
+    panoptic, segments_info = out["panoptic_seg"]
+    _check_panoptic_consistency(panoptic, segments_info, OUT)
+    stuff = {s["category_id"] for s in segments_info if not s["isthing"]}
+    assert stuff == {SKY, ROAD}  # grass (9 px < 16) became void
+    grass = _box_mask(*GRASS_BOX)
+    assert grass.sum() > 0 and torch.all(panoptic.cpu()[grass] == 0)
+    road = _box_mask(ROAD_ROWS, (0, 64))
+    road_id = next(s["id"] for s in segments_info if s["category_id"] == ROAD)
+    assert _iou(panoptic.cpu() == road_id, road) > 0.95
+    # Instances and the panoptic thing segments are the same masks.
+    instances = out["instances"]
+    things = [s for s in segments_info if s["isthing"]]
+    assert len(things) == len(instances)
+    for s, mask, score in zip(things, instances.pred_masks, instances.scores.tolist()):
+        assert torch.equal(mask, panoptic == s["id"]) and s["score"] == pytest.approx(score)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_image_without_things_gives_empty_instances(device):
+    logits, embeddings = _scene(device, with_things=False)
+    out = _postprocessor()(logits, embeddings, OUT)
+    instances = out["instances"]
+    assert len(instances) == 0 and instances.image_size == OUT
+    assert instances.pred_masks.shape == (0, *OUT) and instances.pred_masks.dtype == torch.bool
+    assert isinstance(instances.pred_boxes, Boxes) and instances.pred_boxes.tensor.shape == (0, 4)
+    assert instances.pred_classes.shape == (0,) and instances.pred_classes.dtype == torch.long
+    assert instances.scores.shape == (0,) and instances.scores.dtype == torch.float32
+    panoptic, segments_info = out["panoptic_seg"]
+    _check_panoptic_consistency(panoptic, segments_info, OUT)
+    assert not any(s["isthing"] for s in segments_info)
+
+
+def test_output_flags_select_outputs():
+    logits, embeddings = _scene("cpu")
+    post = _postprocessor()
+    assert set(post(logits, embeddings, OUT, instance_on=False, panoptic_on=False)) == {
+        "sem_seg"
+    }
+    # Embeddings are not needed when no instance output is asked for.
+    assert set(post(logits, None, OUT, instance_on=False, panoptic_on=False)) == {"sem_seg"}
+    assert set(post(logits, embeddings, OUT, semantic_on=False, panoptic_on=False)) == {
+        "instances"
+    }
+    assert set(post(logits, embeddings, OUT, semantic_on=False, instance_on=False)) == {
+        "panoptic_seg"
+    }
+
+
+@pytest.mark.parametrize("method", ["embedding", "connected_components"])
+def test_score_threshold_and_max_instances(method):
+    logits, embeddings = _scene("cpu")
+    full = _postprocessor(instance_method=method)(logits, embeddings, OUT)["instances"]
+    top = _postprocessor(instance_method=method, max_instances=1)(logits, embeddings, OUT)
+    assert len(top["instances"]) == 1
+    if method == "connected_components":
+        # All components are formed, then ranked: the best one is kept.
+        assert torch.allclose(top["instances"].scores, full.scores[:1])
+    threshold = float(full.scores[1])
+    above = _postprocessor(instance_method=method, score_threshold=threshold)(
+        logits, embeddings, OUT
+    )["instances"]
+    assert torch.allclose(above.scores, full.scores[:2])
+    none = _postprocessor(instance_method=method, score_threshold=1.01)(logits, embeddings, OUT)
+    assert len(none["instances"]) == 0
+    # The things became void: only stuff segments remain.
+    assert all(not s["isthing"] for s in none["panoptic_seg"][1])
+
+
+def test_same_output_size_keeps_network_maps():
+    logits, embeddings = _scene("cpu")
+    out = _postprocessor()(logits, embeddings, NET)
+    assert out["sem_seg"].shape == (5, *NET)
+    assert torch.allclose(out["sem_seg"], logits.softmax(0))
+    _check_panoptic_consistency(*out["panoptic_seg"], NET)
+    areas = sorted(int(m.sum()) for m in out["instances"].pred_masks)
+    assert areas == sorted((r1 - r0) * (c1 - c0) for _, (r0, r1), (c0, c1) in OBJECTS)
+
+
+def test_postprocessor_validates_arguments():
+    with pytest.raises(ValueError, match="thing_ids"):
+        MaskAttnPostProcessor(num_classes=5, thing_ids=[1, 5])
+    with pytest.raises(ValueError, match="instance_method"):
+        MaskAttnPostProcessor(num_classes=5, thing_ids=[1], instance_method="meanshift")
+    with pytest.raises(ValueError, match="label_divisor"):
+        MaskAttnPostProcessor(num_classes=5, thing_ids=[1], max_instances=100, label_divisor=50)
+    with pytest.raises(ValueError, match="similarity_threshold"):
+        MaskAttnPostProcessor(num_classes=5, thing_ids=[1], similarity_threshold=1.0)
+    post = _postprocessor()
+    logits, embeddings = _scene("cpu")
+    with pytest.raises(ValueError, match="sem_logits"):
+        post(logits[:4], embeddings, OUT)
+    with pytest.raises(ValueError, match="embeddings"):
+        post(logits, embeddings[:, :32], OUT)
+    with pytest.raises(ValueError, match="embeddings"):
+        post(logits, None, OUT)
+    with pytest.raises(ValueError, match="output_size"):
+        post(logits, embeddings, (0, 10))
+
+
+# --------------------------------------------------------------------------- pieces
+@pytest.mark.parametrize("device", DEVICES)
+def test_cluster_embeddings_recovers_clusters_and_drops_small_ones(device):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(6)
+    sizes = [300, 120, 40, 5]  # the last one is below min_cluster_size
+    truth = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    perm = torch.randperm(truth.numel(), generator=g)
+    truth = truth[perm]
+    points = F.normalize(centres[truth] + 0.15 * torch.randn(truth.numel(), 6, generator=g), dim=1)
+    labels, confidence = cluster_embeddings(
+        points.to(device), similarity_threshold=0.7, min_cluster_size=8, max_clusters=10,
+        num_seed_candidates=64,
+    )
+    labels, confidence = labels.cpu(), confidence.cpu()
+    assert confidence.numel() == 3 and torch.all(confidence > 0.8)
+    # Largest clusters come first; each cluster is exactly one true group.
+    for k in range(3):
+        assert torch.equal(labels == k, truth == k)
+    assert torch.all(labels[truth == 3] == -1)
+    capped, _ = cluster_embeddings(points, similarity_threshold=0.7, max_clusters=2)
+    assert set(capped.unique().tolist()) == {-1, 0, 1}
+
+
+def test_cluster_embeddings_empty_input():
+    labels, confidence = cluster_embeddings(torch.zeros(0, 4))
+    assert labels.shape == (0,) and confidence.shape == (0,)
+
+
+def _same_partition(labels, reference):
+    """True if two label maps (0 = background) define the same components."""
+    labels, reference = np.asarray(labels), np.asarray(reference)
+    if not np.array_equal(labels == 0, reference == 0):
+        return False
+    pairs = set(zip(labels[labels > 0].tolist(), reference[reference > 0].tolist()))
+    num_labels = len(np.unique(labels[labels > 0]))
+    return len(pairs) == num_labels == len(np.unique(reference[reference > 0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_connected_components_match_scipy(device, connectivity):
+    rng = np.random.RandomState(0)
+    masks = rng.rand(3, 40, 50) < 0.45
+    labels = connected_components(torch.from_numpy(masks).to(device), connectivity).cpu()
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    offset = 0
+    for c in range(3):
+        reference, n = ndimage.label(masks[c], structure=structure)
+        assert _same_partition(labels[c].numpy(), reference)
+        # Consecutive global numbering, channel-major.
+        assert sorted(np.unique(labels[c][labels[c] > 0].numpy())) == list(
+            range(offset + 1, offset + n + 1)
+        )
+        offset += n
+
+
+def test_connected_components_diagonal_and_long_spiral():
+    diagonal = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)[None]
+    assert connected_components(diagonal, 8).unique().tolist() == [0, 1]
+    assert connected_components(diagonal, 4).unique().tolist() == [0, 1, 2]
+    # A 128 x 128 square spiral: one component with a path of thousands of pixels.
+    spiral = np.zeros((128, 128), dtype=bool)
+    top, left, bottom, right = 0, 0, 127, 127
+    while top <= bottom and left <= right:
+        spiral[top, left : right + 1] = True
+        spiral[top : bottom + 1, right] = True
+        spiral[bottom, left : right + 1] = True
+        spiral[top + 2 : bottom + 1, left] = True
+        top, left, bottom, right = top + 2, left + 2, bottom - 2, right - 2
+        if top <= bottom:
+            spiral[top - 1, left] = True  # connect to the next ring
+    reference, n = ndimage.label(spiral, structure=np.ones((3, 3)))
+    labels = connected_components(torch.from_numpy(spiral)[None], 8)[0]
+    assert _same_partition(labels.numpy(), reference)
+    full = connected_components(torch.ones(1, 5, 5, dtype=torch.bool))
+    assert torch.all(full == 1)
+
+
+def test_merge_paints_in_order_and_applies_area_rules():
+    sem = torch.zeros(10, 10, dtype=torch.long)  # stuff class 0 everywhere ...
+    sem[:, 6:] = 2  # ... stuff class 2 on the right (40 px) ...
+    sem[:5, :6] = 1  # ... thing class 1 top-left (30 px)
+    sem[9, 0] = 3  # ... one pixel of stuff class 3
+    is_thing = torch.tensor([False, True, False, False])
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[0, :5, :3] = True  # 15 px
+    masks[1, :5, :5] = True  # overlaps 0: 10 visible px
+    masks[2, :2, 3:6] = True  # 2 visible px (rest taken by 1): dropped
+    classes = torch.tensor([1, 1, 1])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    panoptic, segments_info = merge_semantic_and_instances(
+        sem, masks, classes, scores, is_thing, min_instance_area=3, stuff_area=5,
+        label_divisor=1000,
+    )
+    by_id = {s["id"]: s for s in segments_info}
+    assert [s["id"] for s in segments_info if s["isthing"]] == [1001, 1002]
+    assert by_id[1001]["area"] == 15 and by_id[1002]["area"] == 10
+    assert by_id[1001]["score"] == pytest.approx(0.9)
+    # Stuff class 0 gets id 1 (never 0, which is void); stuff 3 is too small.
+    assert by_id[1]["category_id"] == 0 and not by_id[1]["isthing"]
+    assert by_id[2001]["area"] == 40 and 3001 not in by_id
+    assert panoptic[9, 0] == 0
+    # Thing pixels nobody claimed are void, not stuff.
+    assert torch.all(panoptic[:5, 5] == 0) and torch.all(panoptic[2:5, 3:5] == 1002)
+    for s in segments_info:
+        assert int((panoptic == s["id"]).sum()) == s["area"]
+
+
+def test_instance_helpers_classes_and_scores():
+    logits, embeddings = _scene("cpu")
+    probs = logits.softmax(0)
+    sem = probs.argmax(0)
+    is_thing = torch.tensor([False, True, True, False, False])
+    masks, classes, scores = embedding_instances(sem, probs, embeddings, is_thing)
+    assert masks.shape == (3, *NET) and sorted(classes.tolist()) == [CAR, CAR, PERSON]
+    for mask, category, score in zip(masks, classes, scores):
+        mean_prob = probs[category][mask].mean()
+        assert score <= mean_prob + 1e-6 and score > 0.9 * mean_prob
+    masks, classes, scores = connected_component_instances(sem, probs, is_thing)
+    for mask, category, score in zip(masks, classes, scores):
+        assert torch.allclose(score, probs[category][mask].mean())
+
+
+def test_resize_label_map_and_boxes():
+    labels = torch.arange(12, dtype=torch.int32).view(3, 4)
+    up = resize_label_map(labels, (6, 8))
+    assert torch.equal(up, labels.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert resize_label_map(up, (3, 4)).tolist() == labels.tolist()
+    assert resize_label_map(labels, (3, 4)) is labels
+    masks = torch.zeros(3, 7, 9, dtype=torch.bool)
+    masks[0, 1:4, 2:6] = True
+    masks[1, 6, 8] = True
+    boxes = masks_to_boxes(masks)
+    assert torch.equal(boxes, BitMasks(masks).get_bounding_boxes().tensor)
+    assert boxes[2].tolist() == [0, 0, 0, 0]
