@@ -1,0 +1,273 @@
+"""The MaskAttn-UNet meta-architecture: backbone + semantic head + embedding head.
+
+Training returns a loss dict; inference returns detectron2's standard per-image outputs
+(``sem_seg``, ``instances``, ``panoptic_seg``) at each image's original size.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+
+from .heads import build_embed_head
+from .losses import gate_loss, instance_contrastive_loss, semantic_loss
+from .postprocessing import MaskAttnPostProcessor
+
+__all__ = ["MaskAttnUNet", "thing_ids_from_metadata"]
+
+
+def thing_ids_from_metadata(metadata, num_classes: int) -> List[int]:
+    """Contiguous ids of the thing classes, checked against ``num_classes``.
+
+    Panoptic metadata in this project (and detectron2's "standard" COCO / Cityscapes panoptic
+    metadata) maps thing and stuff dataset ids into one contiguous space ``[0, num_classes)``.
+    """
+    mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    if mapping is None:
+        raise ValueError(
+            f"Dataset '{metadata.name}' has no thing_dataset_id_to_contiguous_id metadata: "
+            "register it as a panoptic dataset (see datasets/README.md)."
+        )
+    thing_ids = sorted(set(mapping.values()))
+    bad = [i for i in thing_ids if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(
+            f"Thing class ids {bad} of dataset '{metadata.name}' are outside "
+            f"[0, MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes})."
+        )
+    stuff_classes = getattr(metadata, "stuff_classes", None)
+    if stuff_classes is not None and len(stuff_classes) != num_classes:
+        raise ValueError(
+            f"Dataset '{metadata.name}' has {len(stuff_classes)} classes but "
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes}."
+        )
+    return thing_ids
+
+
+@META_ARCH_REGISTRY.register()
+class MaskAttnUNet(nn.Module):
+    """MaskAttn-UNet (and its plain / hybrid-attention variants, chosen by config).
+
+    Each input dict holds ``"image"`` (C,H,W) (any size: it is resized to the network size),
+    optionally ``"height"``/``"width"`` (the output size, default the image size) and, in
+    training, ``"sem_seg"`` (H,W) int64 and ``"instance_ids"`` (H,W) int64 targets as made by
+    :class:`maskattn_d2.data.MaskAttnPanopticMapper`.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        sem_seg_head: nn.Module,
+        embed_head: nn.Module,
+        postprocessor: MaskAttnPostProcessor,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        network_size: Tuple[int, int],
+        thing_ids: Sequence[int],
+        ignore_value: int = 255,
+        sem_seg_loss_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        top_k_percent_pixels: float = 1.0,
+        embed_loss_weight: float = 1.0,
+        temperature: float = 0.1,
+        samples_per_instance: int = 32,
+        max_samples_per_image: int = 512,
+        gate_loss_weight: float = 0.0,
+        semantic_on: bool = True,
+        instance_on: bool = True,
+        panoptic_on: bool = True,
+    ):
+        """
+        Args:
+            backbone: a UNet backbone with ``forward_with_gates(x) -> (features, gates)``.
+            sem_seg_head: features -> (B, num_classes, h, w) logits.
+            embed_head: features -> (B, D, h, w) L2-normalised embeddings.
+            postprocessor: turns one image's logits and embeddings into standard outputs.
+            pixel_mean, pixel_std: per-channel normalisation of the input image.
+            network_size: (h, w) every image is resized to.
+            thing_ids: contiguous ids of the thing classes.
+            ignore_value: semantic label ignored by the losses.
+            sem_seg_loss_weight, ce_weight, top_k_percent_pixels: semantic loss, see
+                :func:`semantic_loss`.
+            embed_loss_weight, temperature, samples_per_instance, max_samples_per_image:
+                instance contrastive loss (lambda, tau, sampling), see
+                :func:`instance_contrastive_loss`; weight 0 disables it.
+            gate_loss_weight: weight of the gate supervision; 0 disables it.
+            semantic_on, instance_on, panoptic_on: which outputs inference returns.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.embed_head = embed_head
+        self.postprocessor = postprocessor
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.network_size = tuple(int(s) for s in network_size)
+        self.register_buffer("thing_ids", torch.tensor(sorted(thing_ids), dtype=torch.long), False)
+        self.ignore_value = ignore_value
+        self.sem_seg_loss_weight = sem_seg_loss_weight
+        self.ce_weight = ce_weight
+        self.top_k_percent_pixels = top_k_percent_pixels
+        self.embed_loss_weight = embed_loss_weight
+        self.temperature = temperature
+        self.samples_per_instance = samples_per_instance
+        self.max_samples_per_image = max_samples_per_image
+        self.gate_loss_weight = gate_loss_weight
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        dataset_names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+        if not dataset_names:
+            raise ValueError("Config has neither DATASETS.TRAIN nor DATASETS.TEST: the model "
+                             "takes its thing classes from the dataset's metadata.")
+        thing_ids = thing_ids_from_metadata(MetadataCatalog.get(dataset_names[0]), num_classes)
+        post = cfg.MODEL.MASK_ATTN_POSTPROCESS
+        head, embed = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.EMBED_HEAD
+        return {
+            "backbone": backbone,
+            "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
+            "embed_head": build_embed_head(cfg, backbone.output_shape()),
+            "postprocessor": MaskAttnPostProcessor(
+                num_classes=num_classes,
+                thing_ids=thing_ids,
+                instance_method=post.INSTANCE_METHOD,
+                similarity_threshold=post.SIMILARITY_THRESHOLD,
+                min_instance_area=post.MIN_INSTANCE_AREA,
+                max_instances=post.MAX_INSTANCES,
+                stuff_area=post.STUFF_AREA,
+                score_threshold=post.SCORE_THRESHOLD,
+                label_divisor=post.LABEL_DIVISOR,
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "network_size": cfg.INPUT.NETWORK_SIZE,
+            "thing_ids": thing_ids,
+            "ignore_value": head.IGNORE_VALUE,
+            "sem_seg_loss_weight": head.LOSS_WEIGHT,
+            "ce_weight": head.CE_WEIGHT,
+            "top_k_percent_pixels": head.TOP_K_PERCENT_PIXELS,
+            "embed_loss_weight": embed.LOSS_WEIGHT,
+            "temperature": embed.TEMPERATURE,
+            "samples_per_instance": embed.SAMPLES_PER_INSTANCE,
+            "max_samples_per_image": embed.MAX_SAMPLES_PER_IMAGE,
+            "gate_loss_weight": cfg.MODEL.MASK_ATTN.GATE_LOSS_WEIGHT,
+            "semantic_on": post.SEMANTIC_ON,
+            "instance_on": post.INSTANCE_ON,
+            "panoptic_on": post.PANOPTIC_ON,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Loss dict in training, a list of per-image output dicts in inference."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        features, gates = self.backbone.forward_with_gates(images)
+        sem_logits = self.sem_seg_head(features)
+        sem_target = self._stack_target(batched_inputs, "sem_seg")
+        losses = {
+            "loss_sem_seg": self.sem_seg_loss_weight
+            * semantic_loss(
+                sem_logits.float(),
+                sem_target,
+                ignore_index=self.ignore_value,
+                ce_weight=self.ce_weight,
+                top_k_percent_pixels=self.top_k_percent_pixels,
+            )
+        }
+        if self.embed_loss_weight > 0:  # else the embedding head stays out of the graph (DDP)
+            embeddings = self.embed_head(features)
+            instance_ids = self._stack_target(batched_inputs, "instance_ids")
+            losses["loss_embed"] = self.embed_loss_weight * instance_contrastive_loss(
+                embeddings.float(),
+                instance_ids,
+                temperature=self.temperature,
+                samples_per_instance=self.samples_per_instance,
+                max_samples_per_image=self.max_samples_per_image,
+            )
+        if self.gate_loss_weight > 0 and gates:
+            thing_mask = torch.isin(sem_target, self.thing_ids)
+            losses["loss_gate"] = self.gate_loss_weight * gate_loss(
+                {k: g.float() for k, g in gates.items()},
+                thing_mask,
+                ignore_mask=sem_target == self.ignore_value,
+            )
+        return losses
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
+        """
+        Returns:
+            if ``do_postprocess``: a list of dicts with ``"sem_seg"`` (K,H,W) probabilities,
+            ``"instances"`` and ``"panoptic_seg"`` (ids (H,W) int32, segments_info), at each
+            image's ``height``/``width`` (default: its input size); otherwise the raw
+            ``(sem_logits (B,K,h,w), embeddings (B,D,h,w))`` at network resolution.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images)
+        sem_logits = self.sem_seg_head(features).float()
+        embeddings = self.embed_head(features).float()
+        if not do_postprocess:
+            return sem_logits, embeddings
+        results = []
+        for logits, embed, inputs in zip(sem_logits, embeddings, batched_inputs):
+            height = inputs.get("height", inputs["image"].shape[-2])
+            width = inputs.get("width", inputs["image"].shape[-1])
+            out = self.postprocessor(
+                logits,
+                embed,
+                (int(height), int(width)),
+                semantic_on=self.semantic_on,
+                instance_on=self.instance_on,
+                panoptic_on=self.panoptic_on,
+            )
+            results.append(out)
+        return results
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """Normalise and resize every image to the network size: (B, C, h, w) float."""
+        expected_channels = self.pixel_mean.shape[0]
+        images = []
+        for i, inputs in enumerate(batched_inputs):
+            image = inputs["image"]
+            if image.dim() != 3 or image.shape[0] != expected_channels:
+                raise ValueError(
+                    f"Input {i} ({inputs.get('file_name', 'no file_name')}): expected an image of "
+                    f"shape ({expected_channels}, H, W), got {tuple(image.shape)}."
+                )
+            image = (image.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+            if tuple(image.shape[-2:]) != self.network_size:
+                image = F.interpolate(
+                    image[None], size=self.network_size, mode="bilinear", align_corners=False
+                )[0]
+            images.append(image)
+        return torch.stack(images)
+
+    def _stack_target(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
+        """Stack a per-image (H,W) target, resized (nearest) to the network size if needed."""
+        targets = []
+        for i, inputs in enumerate(batched_inputs):
+            if key not in inputs:
+                raise ValueError(f"Training input {i} has no '{key}' target: use the "
+                                 "MaskAttnPanopticMapper (INPUT.DATASET_MAPPER_NAME).")
+            target = inputs[key].to(self.device, torch.long)
+            if tuple(target.shape) != self.network_size:
+                target = F.interpolate(
+                    target[None, None].float(), size=self.network_size, mode="nearest"
+                )[0, 0].long()
+            targets.append(target)
+        return torch.stack(targets)
