@@ -14,7 +14,8 @@ cd "$repo"
 pinned_dist() { sed -n "s/^# $1 := \(.*\)$/\1/p" "$repo/requirements.txt"; }
 DETECTRON2_DIST="$(pinned_dist detectron2)"   # sal-detectron2: upstream detectron2 a59f0563
 PANOPTICAPI_DIST="$(pinned_dist panopticapi)"
-[[ -n "$DETECTRON2_DIST" && -n "$PANOPTICAPI_DIST" ]] || { echo "[setup] pins missing in requirements.txt" >&2; exit 1; }
+CITYSCAPES_DIST="$(pinned_dist cityscapesscripts)"  # Cityscapes evaluators and prepare tools
+[[ -n "$DETECTRON2_DIST" && -n "$PANOPTICAPI_DIST" && -n "$CITYSCAPES_DIST" ]] || { echo "[setup] pins missing in requirements.txt" >&2; exit 1; }
 
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then
   venv="$VIRTUAL_ENV"
@@ -34,6 +35,7 @@ want="$(cat requirements.txt setup.py scripts/setup.sh | sha256sum | cut -d' ' -
 check_imports() {
   "$py" - <<'PY'
 import detectron2, torch, torchvision, panopticapi, pycocotools, fvcore, cv2, maskattn_d2
+import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling  # noqa: F401
 from detectron2.evaluation import COCOPanopticEvaluator  # noqa: F401
 from torchvision.ops import nms  # noqa: F401  (fails when torch/torchvision mismatch)
 print(f"[setup] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
@@ -72,7 +74,7 @@ if ! "$py" -c "import detectron2, importlib.metadata as m, sys; sys.exit(m.versi
   "${pip[@]}" install --no-deps "$work"/packed/*.whl
 fi
 
-"${pip[@]}" install --no-deps "$PANOPTICAPI_DIST"
+"${pip[@]}" install --no-deps "$PANOPTICAPI_DIST" "$CITYSCAPES_DIST"
 "${pip[@]}" install --no-deps --no-build-isolation -e .
 
 check_imports

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
         "pycocotools.mask",
         "fvcore.nn",
         "cv2",
+        "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling",
         "maskattn_d2",
     ],
 )
@@ -103,7 +104,9 @@ def _pins():
 
 def test_installed_versions_are_the_pinned_ones():
     pins = _pins()
-    assert {"torch", "torchvision", "sal-detectron2", "panopticapi-lite"} <= set(pins)
+    assert {"torch", "torchvision", "sal-detectron2", "panopticapi-lite", "cityscapesscripts"} <= set(
+        pins
+    )
     for dist, pinned in pins.items():
         installed = version(dist)
         # torch wheels carry a local suffix such as "+cu130"
@@ -113,5 +116,6 @@ def test_installed_versions_are_the_pinned_ones():
 def test_setup_script_takes_pins_from_requirements():
     # requirements.txt is the one place with versions: the script must not repeat any.
     text = (REPO / "scripts" / "setup.sh").read_text()
-    assert "pinned_dist detectron2" in text and "pinned_dist panopticapi" in text
+    for name in ("detectron2", "panopticapi", "cityscapesscripts"):
+        assert f"pinned_dist {name}" in text
     assert not re.search(r"==\d", text), "scripts/setup.sh hard-codes a version"
