@@ -1,0 +1,179 @@
+"""Augmentations of maskattn_d2: every image ends at the network size, stretched.
+
+Training: random resized crop (which also resizes to the network size), horizontal flip and
+colour jitter (brightness, contrast, saturation). Test: a plain resize to the network size.
+Geometric transforms sample segmentations with nearest neighbour; colour transforms leave
+them untouched. The ``*_augmentations`` functions take explicit arguments; the ``build_*``
+functions read them from a config.
+"""
+import math
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from detectron2.data import transforms as T
+from PIL import Image
+
+__all__ = [
+    "RandomResizedCrop",
+    "RandomSaturation",
+    "build_test_augmentations",
+    "build_train_augmentations",
+    "eval_augmentations",
+    "train_augmentations",
+]
+
+
+def _check_size(size: Sequence[int]) -> Tuple[int, int]:
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"network size must be (height, width) with positive values, got {size}")
+    return int(size[0]), int(size[1])
+
+
+class RandomResizedCrop(T.Augmentation):
+    """Crop a random part of the image and resize it to a fixed size (torchvision-style).
+
+    The crop covers a fraction ``s ~ U(scale)`` of the image area and its aspect ratio is the
+    image's own aspect times ``r`` (``log r ~ U(log ratio)``), so with ``scale=(1, 1)`` the
+    crop is the whole image, exactly the view the test-time stretch resize gives. If no crop
+    fits in ``max_tries`` draws, the whole image is used.
+    """
+
+    def __init__(
+        self,
+        output_size: Sequence[int],
+        scale: Sequence[float] = (0.5, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        interp=Image.BILINEAR,
+        max_tries: int = 10,
+    ):
+        """
+        Args:
+            output_size: (height, width) of the output.
+            scale: range of the crop's fraction of the image area, within (0, 1].
+            ratio: range of the crop's aspect change relative to the image, > 0.
+            interp: PIL interpolation of the image (segmentations use nearest).
+            max_tries: number of draws before falling back to the whole image.
+        """
+        super().__init__()
+        output_size = _check_size(output_size)
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        if not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+        scale, ratio = tuple(scale), tuple(ratio)
+        self._init(locals())
+
+    def _sample_crop(self, h: int, w: int) -> Tuple[int, int, int, int]:
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(self.max_tries):
+            area_fraction = np.random.uniform(*self.scale)
+            r = math.exp(np.random.uniform(*log_ratio))
+            crop_h = int(round(h * math.sqrt(area_fraction / r)))
+            crop_w = int(round(w * math.sqrt(area_fraction * r)))
+            if 0 < crop_h <= h and 0 < crop_w <= w:
+                y0 = np.random.randint(0, h - crop_h + 1)
+                x0 = np.random.randint(0, w - crop_w + 1)
+                return x0, y0, crop_w, crop_h
+        return 0, 0, w, h
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        x0, y0, crop_w, crop_h = self._sample_crop(h, w)
+        out_h, out_w = self.output_size
+        resize = T.ResizeTransform(crop_h, crop_w, out_h, out_w, self.interp)
+        if (x0, y0, crop_w, crop_h) == (0, 0, w, h):
+            return resize
+        return T.TransformList([T.CropTransform(x0, y0, crop_w, crop_h), resize])
+
+
+class RandomSaturation(T.Augmentation):
+    """Random saturation change that knows the channel order of the image.
+
+    detectron2's ``T.RandomSaturation`` computes grey with RGB weights whatever the format;
+    this one uses BGR weights for "BGR" images.
+    """
+
+    def __init__(self, intensity_min: float, intensity_max: float, image_format: str = "RGB"):
+        """
+        Args:
+            intensity_min, intensity_max: range of the blend weight w (1 keeps the image,
+                0 is grey, > 1 over-saturates).
+            image_format: "RGB" or "BGR".
+        """
+        super().__init__()
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"colour jitter needs an RGB or BGR image, got format {image_format}")
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        if self.image_format == "BGR":
+            weights = weights[::-1]
+        w = np.random.uniform(self.intensity_min, self.intensity_max)
+        grey = image.astype(np.float32).dot(weights)[:, :, None]
+        return T.BlendTransform(src_image=grey, src_weight=1 - w, dst_weight=w)
+
+
+def train_augmentations(
+    network_size: Sequence[int],
+    *,
+    crop_scale: Sequence[float] = (0.5, 1.0),
+    flip_prob: float = 0.5,
+    color_jitter: float = 0.2,
+    image_format: str = "RGB",
+) -> List[T.Augmentation]:
+    """Training augmentations ending at ``network_size``.
+
+    Args:
+        network_size: (height, width) of the network input.
+        crop_scale: area-fraction range of the random resized crop.
+        flip_prob: probability of a horizontal flip (0 disables).
+        color_jitter: brightness, contrast and saturation factors are drawn from
+            [1 - color_jitter, 1 + color_jitter] (0 disables).
+        image_format: channel order of the images ("RGB" or "BGR"; others need
+            ``color_jitter == 0``).
+    """
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+    if not 0.0 <= color_jitter < 1.0:
+        raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
+    augs: List[T.Augmentation] = [RandomResizedCrop(network_size, scale=crop_scale)]
+    if flip_prob > 0:
+        augs.append(T.RandomFlip(prob=flip_prob, horizontal=True, vertical=False))
+    if color_jitter > 0:
+        lo, hi = 1.0 - color_jitter, 1.0 + color_jitter
+        augs += [
+            T.RandomBrightness(lo, hi),
+            T.RandomContrast(lo, hi),
+            RandomSaturation(lo, hi, image_format),
+        ]
+    return augs
+
+
+def eval_augmentations(network_size: Sequence[int]) -> List[T.Augmentation]:
+    """Evaluation augmentations: a stretch resize to ``network_size`` (height, width)."""
+    return [T.Resize(_check_size(network_size))]
+
+
+def _check_resize_mode(cfg) -> None:
+    if cfg.INPUT.RESIZE_MODE != "stretch":
+        raise ValueError(f"INPUT.RESIZE_MODE must be 'stretch', got {cfg.INPUT.RESIZE_MODE!r}")
+
+
+def build_train_augmentations(cfg) -> List[T.Augmentation]:
+    """``train_augmentations`` from cfg.INPUT (NETWORK_SIZE, RANDOM_CROP_SCALE, FLIP_PROB,
+    COLOR_JITTER, FORMAT)."""
+    _check_resize_mode(cfg)
+    return train_augmentations(
+        cfg.INPUT.NETWORK_SIZE,
+        crop_scale=cfg.INPUT.RANDOM_CROP_SCALE,
+        flip_prob=cfg.INPUT.FLIP_PROB,
+        color_jitter=cfg.INPUT.COLOR_JITTER,
+        image_format=cfg.INPUT.FORMAT,
+    )
+
+
+def build_test_augmentations(cfg) -> List[T.Augmentation]:
+    """``eval_augmentations`` from cfg.INPUT.NETWORK_SIZE (test-time augmentations)."""
+    _check_resize_mode(cfg)
+    return eval_augmentations(cfg.INPUT.NETWORK_SIZE)

@@ -1,0 +1,37 @@
+"""One table with the headline numbers of an evaluation run."""
+from typing import Dict, Mapping
+
+from tabulate import tabulate
+
+# (column title, task key in detectron2's results, metric key)
+_COLUMNS = (
+    ("PQ", "panoptic_seg", "PQ"),
+    ("SQ", "panoptic_seg", "SQ"),
+    ("RQ", "panoptic_seg", "RQ"),
+    ("PQ_th", "panoptic_seg", "PQ_th"),
+    ("PQ_st", "panoptic_seg", "PQ_st"),
+    ("AP", "segm", "AP"),
+    ("mIoU", "sem_seg", "mIoU"),
+    ("pACC", "sem_seg", "pACC"),
+    ("PQ paper protocol", "panoptic_seg_paper_protocol", "PQ"),
+)
+
+
+def _per_dataset(results: Mapping) -> Dict[str, Mapping]:
+    # DefaultTrainer.test() returns {task: metrics} for one dataset and
+    # {dataset: {task: metrics}} for several.
+    if any(task in results for _, task, _ in _COLUMNS):
+        return {"": results}
+    return dict(results)
+
+
+def format_results_summary(results: Mapping) -> str:
+    """A markdown table: one row per dataset, the standard numbers and the paper protocol's PQ
+    (computed at network resolution, labelled as such). Missing numbers show as "-"."""
+    rows = []
+    datasets = _per_dataset(results)
+    present = [c for c in _COLUMNS if any(c[2] in r.get(c[1], {}) for r in datasets.values())]
+    for name, res in datasets.items():
+        rows.append([name or "-"] + [res.get(task, {}).get(key, "-") for _, task, key in present])
+    headers = ["dataset"] + [title for title, _, _ in present]
+    return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".2f")
