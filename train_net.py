@@ -40,14 +40,18 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = MaskAttnTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
     else:
         trainer = MaskAttnTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        results = trainer.train()
+        trainer.train()  # checks TEST.EXPECTED_RESULTS itself
+        # Set by DefaultTrainer's evaluation hook (after the last iteration at least).
+        results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and results:
-        verify_results(cfg, results)
-        logging.getLogger("maskattn_d2").info("Summary:\n%s", format_results_summary(results))
-        print(format_results_summary(results))
+        logging.getLogger("maskattn_d2").info(
+            "Summary (PQ/SQ/RQ, AP, mIoU, pixel accuracy):\n%s", format_results_summary(results)
+        )
     return results
 
 
