@@ -12,7 +12,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import MaskAttnPanopticMapper
+from ..data import build_dataset_mapper
 from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
 
@@ -67,8 +67,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
 
 class MaskAttnTrainer(DefaultTrainer):
-    """DefaultTrainer with the MaskAttn mapper, evaluators chosen per dataset, AdamW, and DDP
-    that also works for several CPU processes (GLOO)."""
+    """DefaultTrainer with the mapper named by ``INPUT.DATASET_MAPPER_NAME``, evaluators chosen
+    per dataset, AdamW, atomic checkpoints, and DDP that also works for several CPU processes
+    (GLOO)."""
 
     def __init__(self, cfg):
         # Same steps as DefaultTrainer.__init__; the one difference is create_ddp_model's
@@ -98,11 +99,11 @@ class MaskAttnTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=MaskAttnPanopticMapper(cfg, is_train=True))
+        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        mapper = MaskAttnPanopticMapper(cfg, is_train=False)
+        mapper = build_dataset_mapper(cfg, is_train=False)
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
