@@ -94,6 +94,9 @@ def add_maskattn_config(cfg):
     cfg.MODEL.EMBED_HEAD.CONVS_DIM = 64
     # Normalisation in the head (same choices as MASK_ATTN_UNET.NORM).
     cfg.MODEL.EMBED_HEAD.NORM = "BN"
+    # Append normalised (y, x) pixel coordinates to the head's input (CoordConv), so that
+    # identical objects at different places can get different embeddings.
+    cfg.MODEL.EMBED_HEAD.COORD_CONV = True
     # Dimension D of the L2-normalised pixel embeddings.
     cfg.MODEL.EMBED_HEAD.EMBED_DIM = 16
     # lambda: weight of the instance contrastive loss (0 disables it).

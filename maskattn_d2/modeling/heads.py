@@ -133,6 +133,7 @@ class MaskAttnEmbedHead(nn.Module):
         embed_dim: int,
         convs_dim: int = 64,
         norm: str = "BN",
+        coord_conv: bool = True,
     ):
         """
         Args:
@@ -141,12 +142,18 @@ class MaskAttnEmbedHead(nn.Module):
             embed_dim: D, dimension of the embeddings.
             convs_dim: channels of the hidden 3x3 conv.
             norm: normalisation after the hidden conv (as :class:`MaskAttnSemSegHead`).
+            coord_conv: append the pixel's normalised (y, x) in [-1, 1] to the feature.
+                Convolutions are translation-equivariant, so without position two identical
+                objects at different places get the same embedding and merge into one
+                cluster; with it the head can make embeddings position-dependent.
         """
         super().__init__()
         shape = _check_in_feature(input_shape, in_feature)
         self.in_feature = in_feature
         self.embed_dim = embed_dim
-        self.head = _ConvPredictor(shape.channels, embed_dim, convs_dim, norm)
+        self.coord_conv = coord_conv
+        in_channels = shape.channels + (2 if coord_conv else 0)
+        self.head = _ConvPredictor(in_channels, embed_dim, convs_dim, norm)
         # Embeddings are normalised, so the predictor's tiny init would only slow learning.
         nn.init.kaiming_normal_(self.head.predictor.weight, mode="fan_in", nonlinearity="linear")
 
@@ -159,6 +166,7 @@ class MaskAttnEmbedHead(nn.Module):
             "embed_dim": h.EMBED_DIM,
             "convs_dim": h.CONVS_DIM,
             "norm": h.NORM,
+            "coord_conv": h.COORD_CONV,
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,7 +177,19 @@ class MaskAttnEmbedHead(nn.Module):
         Returns:
             (B, embed_dim, H_f, W_f) embeddings with unit L2 norm along dim 1.
         """
-        return F.normalize(self.head(features[self.in_feature]), dim=1, eps=self.EPS)
+        x = features[self.in_feature]
+        if self.coord_conv:
+            x = torch.cat([x, coordinate_channels(x)], dim=1)
+        return F.normalize(self.head(x), dim=1, eps=self.EPS)
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) normalised (y, x) pixel coordinates in [-1, 1], like x's dtype/device."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
+    return grid.unsqueeze(0).expand(b, -1, -1, -1)
 
 
 def build_embed_head(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:

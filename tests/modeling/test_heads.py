@@ -95,3 +95,19 @@ def test_unknown_names_and_features_raise():
         build_sem_seg_head(cfg, SHAPES)
     with pytest.raises(ValueError, match="in_feature"):
         MaskAttnEmbedHead(SHAPES, in_feature="enc1", embed_dim=4)
+
+
+@pytest.mark.parametrize("coord_conv", [False, True])
+def test_embed_head_coordinates_make_embeddings_position_dependent(coord_conv):
+    """On a constant feature map, interior pixels get one embedding without coordinates and
+    different embeddings with them (so identical objects at different places can separate)."""
+    torch.manual_seed(0)
+    head = MaskAttnEmbedHead(
+        SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="", coord_conv=coord_conv
+    ).eval()
+    emb = head({"dec1": torch.ones(1, 8, 16, 16)})
+    a, b = emb[0, :, 4, 4], emb[0, :, 11, 11]  # two interior pixels
+    if coord_conv:
+        assert (a - b).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,183 @@
+"""tools/benchmark.py (smoke run + FLOP handles), the peer models it builds, tools/compare_pq.py."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.utils.events import EventStorage
+from PIL import Image
+
+from maskattn_d2.utils import peers
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "configs" / "quick_schedules" / "synthetic_instant_test.yaml"
+UNET = REPO / "configs" / "variants" / "unet_128.yaml"
+SYNTHETIC_TRAIN = "maskattn_synthetic_panoptic_train"
+
+
+def _load_tool(name: str):
+    path = REPO / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"maskattn_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return _load_tool("benchmark")
+
+
+def test_benchmark_smoke_run_writes_table_json_and_plot(benchmark, tmp_path):
+    results = benchmark.main(
+        ["--configs", str(QUICK), str(UNET), "--models", "synthetic_instant_test", "unet_128",
+         "--size", "64", "64", "--batch-sizes", "1", "--iters", "2", "--warmup", "1",
+         "--train-batch-size", "2", "--train-iters", "1", "--devices", "cpu",
+         "--output-dir", str(tmp_path)]
+    )
+    assert [r["name"] for r in results] == ["synthetic_instant_test", "unet_128"]
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["environment"]["size"] == [64, 64]
+    for r in saved["results"]:
+        assert r["status"] == "ok", r
+        assert r["params_m"] > 0 and r["gflops"] > 0
+        latency = r["latency"]["1"]
+        assert latency["network_ms"] > 0 and latency["postprocess_ms"] > 0
+        assert len(latency["network_s"]) == 2
+        assert r["peak_memory_mb"]["1"] >= 0 and r["peak_memory_mb"]["train"] > 0
+        assert r["train"]["images_per_s"] > 0 and r["train"]["batch_size"] == 2
+    # The plain UNet has more parameters than the tiny quick-schedule model.
+    quick, unet = saved["results"]
+    assert unet["params_m"] > quick["params_m"]
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| synthetic_instant_test | cpu |" in table and "| unet_128 | cpu |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| unet_128"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    numbers = [float(c.replace(",", "")) for c in cells[2:-1]]
+    # Params, GFLOPs, net and post latency, peak memory, train img/s, train peak memory.
+    assert len(numbers) == 7 and all(n >= 0 for n in numbers) and numbers[0] > 0
+    with Image.open(tmp_path / "benchmark.png") as img:
+        assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_benchmark_rejects_unknown_models(benchmark, tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        benchmark.main(["--configs", str(QUICK), "--models", "resnet_9000",
+                        "--output-dir", str(tmp_path)])
+
+
+def test_missing_peer_package_is_reported_unavailable(benchmark, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import fails
+    result_file = tmp_path / "result.json"
+    benchmark.main(["--worker", "mask2former_swin_t", "cpu", str(result_file),
+                    "--configs", str(QUICK)])
+    result = json.loads(result_file.read_text())
+    assert result["status"].startswith("unavailable:") and "transformers" in result["status"]
+    assert "unavailable" in benchmark.format_table([result], [1])
+
+
+def test_sdpa_and_baddbmm_flop_handles(benchmark):
+    class Attention(torch.nn.Module):
+        def forward(self, q):
+            k = q[:, :, :5]  # (B, heads, Nk, d)
+            v = torch.cat([k, k], dim=-1)  # dv = 2 d
+            out = F.scaled_dot_product_attention(q, k, v).flatten(0, 1)  # (6, 7, 8)
+            kv = k.flatten(0, 1).transpose(1, 2).matmul(v.flatten(0, 1))  # (6, 4, 8)
+            return torch.baddbmm(out, q.flatten(0, 1), kv)
+
+    class Runner:
+        def flops_module(self):
+            return Attention()
+
+    q = torch.randn(2, 3, 7, 4)  # B=2, heads=3, N=7, d=4
+    total, skipped = benchmark.count_flops(Runner(), q)
+    sdpa = 2 * 3 * 7 * 5 * (4 + 8)
+    inner = 6 * 4 * 5 * 8  # (k^T v): (6, 4, 5) @ (6, 5, 8)
+    baddbmm = 6 * 7 * 4 * 8  # (6, 7, 4) @ (6, 4, 8)
+    assert total == sdpa + inner + baddbmm
+    assert "aten::scaled_dot_product_attention" not in skipped
+
+
+def test_synthetic_scenes_use_contiguous_synthetic_classes():
+    scenes = peers.synthetic_scenes(3, (64, 80), seed=1)
+    again = peers.synthetic_scenes(3, (64, 80), seed=1)
+    for scene, same in zip(scenes, again):
+        assert scene.image.shape == (64, 80, 3) and scene.image.dtype == np.uint8
+        assert scene.pan_ids.shape == (64, 80)
+        np.testing.assert_array_equal(scene.pan_ids, same.pan_ids)
+        ids = {s["id"] for s in scene.segments_info}
+        assert set(np.unique(scene.pan_ids).tolist()) - {0} <= ids
+        for s in scene.segments_info:
+            assert 0 <= s["category_id"] < 6 and s["isthing"] == (s["category_id"] < 3)
+    with pytest.raises(ValueError, match="size"):
+        peers.synthetic_scenes(1, (16, 16))
+
+
+def test_dilated_basic_resnet_keeps_output_stride_16():
+    cfg = peers.panoptic_deeplab_config(
+        dataset_name=SYNTHETIC_TRAIN, num_classes=6, network_size=(64, 64), depth=18
+    )
+    backbone = peers.build_dilated_basic_resnet_backbone(cfg, ShapeSpec(channels=3))
+    shapes = backbone.output_shape()
+    assert {k: v.stride for k, v in shapes.items()} == {"res2": 4, "res3": 8, "res5": 16}
+    features = backbone(torch.randn(1, 3, 64, 64))
+    assert features["res5"].shape == (1, 512, 4, 4)
+    dilations = {m.dilation for m in backbone.res5.modules() if isinstance(m, torch.nn.Conv2d)
+                 and m.kernel_size == (3, 3)}
+    assert dilations == {(2, 2)}
+    cfg.defrost()
+    cfg.MODEL.RESNETS.DEPTH = 101
+    with pytest.raises(ValueError, match="DEPTH"):
+        peers.build_dilated_basic_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+def test_panoptic_deeplab_runner_network_postprocess_and_training():
+    torch.manual_seed(0)
+    cfg = peers.panoptic_deeplab_config(
+        dataset_name=SYNTHETIC_TRAIN, num_classes=6, network_size=(64, 64), depth=18
+    )
+    assert cfg.MODEL.PANOPTIC_DEEPLAB.STUFF_AREA == 4  # 2048 scaled by 64*64 / (1024*2048)
+    runner = peers.PanopticDeepLabRunner(cfg, name="pdl")
+    scenes = peers.synthetic_scenes(2, (64, 64))
+    with torch.no_grad():
+        semantic, center, offset = runner.network(runner.prepare(scenes))
+        panoptic = runner.postprocess((semantic, center, offset), (64, 64))
+    assert semantic.shape == (2, 6, 64, 64) and center.shape == (2, 1, 64, 64)
+    assert offset.shape == (2, 2, 64, 64)
+    assert len(panoptic) == 2 and panoptic[0].shape == (64, 64)
+    labels = torch.unique(panoptic[0])
+    assert set((labels[labels >= 0] // 1000).tolist()) <= set(range(6))
+    runner.model.train()
+    with EventStorage(0):
+        loss = runner.training_loss(scenes)
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    grads = [p.grad for p in runner.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.slow
+def test_compare_pq_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKATTN_D2_CACHE", str(tmp_path / "cache"))
+    compare_pq = _load_tool("compare_pq")
+    rows = compare_pq.main(
+        ["--iters", "2", "--batch-size", "2", "--num-train", "4", "--num-val", "2",
+         "--output-dir", str(tmp_path / "out")]
+    )
+    assert [r["model"] for r in rows] == [
+        "MaskAttn-UNet (embedding)",
+        "MaskAttn-UNet (connected components)",
+        "Panoptic-DeepLab (R18, OS16)",
+    ]
+    for r in rows:
+        assert 0.0 <= r["PQ"] <= 100.0 and r["train_s"] > 0 and r["params_m"] > 0
+    assert rows[0]["train_s"] == rows[1]["train_s"]  # the same trained model
+    table = (tmp_path / "out" / "compare_pq.md").read_text()
+    assert "| Panoptic-DeepLab (R18, OS16) |" in table
+    saved = json.loads((tmp_path / "out" / "compare_pq.json").read_text())
+    assert len(saved["rows"]) == 3

@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""PQ of MaskAttn-UNet against Panoptic-DeepLab, and of its two instance methods, on equal terms.
+
+    python tools/compare_pq.py                         # 300 iterations each, a few CPU minutes
+    python tools/compare_pq.py --iters 1500 --num-train 512 --output-dir output/compare_pq
+
+Both models train on the same embedded synthetic panoptic data (registered here with
+``--num-train`` / ``--num-val`` images) with the same budget: ``--iters`` iterations of
+``--batch-size`` images, the same optimizer, LR schedule and gradient clipping (the
+``SOLVER`` of ``--config-file``, its warm-up scaled to ``--iters``), and the same augmentations
+(random resized crop to the network size, flip, colour jitter):
+
+(a) MaskAttn-UNet (``--config-file``, default ``configs/synthetic_panoptic_128.yaml``) vs
+    Panoptic-DeepLab from ``detectron2.projects.panoptic_deeplab`` with a small ResNet
+    (``--pdl-depth`` 18: ResNet-18 with a dilated res5, output stride 16), its own dataset
+    mapper (``PanopticDeeplabDatasetMapper``), target generator, losses and post-processing;
+(b) the SAME trained MaskAttn-UNet evaluated twice: instances by embedding clustering and by
+    connected components of the semantic map (``MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD``).
+
+Evaluation: detectron2's ``COCOPanopticEvaluator`` (through
+:func:`maskattn_d2.evaluation.build_evaluator`) on the validation split at the original image
+sizes. Both models see the validation images resized to the network size and produce their
+panoptic map at that size, which is resized (nearest) to the image's size: MaskAttn-UNet's
+post-processor does it itself; Panoptic-DeepLab's output is resized by a thin wrapper,
+because its offsets are in network pixels and cannot be upsampled before grouping.
+Writes ``compare_pq.md`` and ``compare_pq.json`` into ``--output-dir`` and prints the table.
+"""
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.engine import SimpleTrainer, hooks
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.projects.panoptic_deeplab import PanopticDeeplabDatasetMapper
+from detectron2.solver import build_lr_scheduler
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import CommonMetricPrinter
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+# Importing maskattn_d2 registers the model, backbone, heads and datasets.
+from maskattn_d2 import add_maskattn_config
+from maskattn_d2.data import build_dataset_mapper, build_train_augmentations
+from maskattn_d2.data.datasets import register_synthetic_panoptic
+from maskattn_d2.engine import adapt_config_to_device, build_optimizer
+from maskattn_d2.evaluation import build_evaluator
+from maskattn_d2.modeling.postprocessing import resize_label_map
+from maskattn_d2.utils.peers import panoptic_deeplab_config, panoptic_deeplab_target_generator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTANCE_METHODS = ("embedding", "connected_components")
+logger = logging.getLogger("maskattn_d2.compare_pq")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train MaskAttn-UNet and Panoptic-DeepLab with one budget and compare PQ"
+    )
+    parser.add_argument(
+        "--config-file", default=os.path.join(REPO, "configs", "synthetic_panoptic_128.yaml"),
+        help="MaskAttn-UNet config; its SOLVER is used for both models",
+    )
+    parser.add_argument("--iters", type=int, default=300, help="training iterations per model")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per iteration")
+    parser.add_argument("--num-train", type=int, default=256, help="synthetic training images")
+    parser.add_argument("--num-val", type=int, default=32, help="synthetic validation images")
+    parser.add_argument("--pdl-depth", type=int, default=18, choices=[18, 34, 50],
+                        help="ResNet depth of Panoptic-DeepLab")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="./output/compare_pq")
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER,
+        help="overrides of the MaskAttn-UNet config (KEY VALUE pairs)",
+    )
+    return parser
+
+
+def _check_args(args) -> None:
+    if args.iters < 1 or args.batch_size < 2:
+        raise ValueError("--iters must be >= 1 and --batch-size >= 2 (BatchNorm in training)")
+    if args.num_train < args.batch_size or args.num_val < 1:
+        raise ValueError("--num-train must be >= --batch-size and --num-val >= 1")
+
+
+# --------------------------------------------------------------------------- configs
+def maskattn_config(args, train_name: str, val_name: str):
+    """The MaskAttn-UNet config of the comparison (frozen)."""
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.DATASETS.TRAIN = (train_name,)
+    cfg.DATASETS.TEST = (val_name,)
+    solver = cfg.SOLVER
+    solver.WARMUP_ITERS = int(round(solver.WARMUP_ITERS * args.iters / max(solver.MAX_ITER, 1)))
+    solver.MAX_ITER = args.iters
+    solver.IMS_PER_BATCH = args.batch_size
+    solver.CHECKPOINT_PERIOD = args.iters + 1
+    cfg.TEST.EVALUATORS = ["panoptic"]
+    cfg.TEST.PAPER_PROTOCOL = False
+    cfg.OUTPUT_DIR = os.path.join(args.output_dir, "maskattn_unet")
+    adapt_config_to_device(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def pdl_config(args, maskattn_cfg):
+    """Panoptic-DeepLab's config with the MaskAttn-UNet config's data, solver and loader."""
+    cfg = panoptic_deeplab_config(
+        dataset_name=maskattn_cfg.DATASETS.TRAIN[0],
+        num_classes=maskattn_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        network_size=tuple(maskattn_cfg.INPUT.NETWORK_SIZE),
+        depth=args.pdl_depth,
+        device=maskattn_cfg.MODEL.DEVICE,
+    )
+    cfg.SOLVER = maskattn_cfg.SOLVER.clone()  # same optimizer, LR schedule, clipping, budget
+    cfg.DATALOADER = maskattn_cfg.DATALOADER.clone()
+    cfg.DATASETS.TEST = tuple(maskattn_cfg.DATASETS.TEST)
+    cfg.OUTPUT_DIR = os.path.join(args.output_dir, "panoptic_deeplab")
+    cfg.freeze()
+    return cfg
+
+
+# --------------------------------------------------------------------------- train / evaluate
+def train(model: nn.Module, data_loader, cfg, name: str) -> float:
+    """Train ``model`` for ``cfg.SOLVER.MAX_ITER`` iterations; returns the seconds it took."""
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    trainer = SimpleTrainer(model, data_loader, optimizer)
+    max_iter = cfg.SOLVER.MAX_ITER
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(optimizer, scheduler),
+            hooks.PeriodicWriter([CommonMetricPrinter(max_iter)], period=max(max_iter // 10, 1)),
+        ]
+    )
+    logger.info("Training %s for %d iterations", name, max_iter)
+    model.train()
+    start = time.perf_counter()
+    trainer.train(0, max_iter)
+    return time.perf_counter() - start
+
+
+class PanopticAtNetworkSize(nn.Module):
+    """Runs Panoptic-DeepLab at the size of its input image and resizes its panoptic ids
+    (nearest) to each input's ``height`` x ``width``; returns only "panoptic_seg"."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
+        inputs = [dict(x, height=x["image"].shape[-2], width=x["image"].shape[-1])
+                  for x in batched_inputs]
+        outputs = self.model(inputs)
+        results = []
+        for out, original in zip(outputs, batched_inputs):
+            panoptic, segments_info = out["panoptic_seg"]
+            size = (int(original["height"]), int(original["width"]))
+            results.append({"panoptic_seg": (resize_label_map(panoptic, size), segments_info)})
+        return results
+
+
+def evaluate(model: nn.Module, cfg, output_folder: str) -> Dict[str, float]:
+    """PQ / SQ / RQ (all, things, stuff) of ``model`` on ``cfg.DATASETS.TEST[0]``."""
+    dataset = cfg.DATASETS.TEST[0]
+    loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
+    evaluator = build_evaluator(cfg, dataset, output_folder)
+    results = inference_on_dataset(model, loader, evaluator)
+    return dict(results["panoptic_seg"])
+
+
+def run(args) -> List[Dict]:
+    """Train both models, evaluate the three rows; returns them."""
+    torch.set_num_threads(args.threads)
+    prefix = f"compare_pq_synthetic_{args.num_train}_{args.num_val}_seed{args.seed}"
+    train_name, val_name = register_synthetic_panoptic(
+        prefix, num_train=args.num_train, num_val=args.num_val, seed=args.seed
+    )
+    cfg = maskattn_config(args, train_name, val_name)
+    rows = []
+
+    # MaskAttn-UNet: one training, evaluated with both instance methods.
+    seed_all_rng(args.seed)
+    model = build_model(cfg)
+    loader = build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+    train_s = train(model, loader, cfg, "MaskAttn-UNet")
+    state = model.state_dict()
+    for method in INSTANCE_METHODS:
+        eval_cfg = cfg.clone()
+        eval_cfg.defrost()
+        eval_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = method
+        eval_cfg.freeze()
+        eval_model = build_model(eval_cfg)
+        eval_model.load_state_dict(state)
+        metrics = evaluate(eval_model, eval_cfg, os.path.join(cfg.OUTPUT_DIR, method))
+        rows.append(_row(f"MaskAttn-UNet ({method.replace('_', ' ')})", metrics, train_s, model))
+
+    # Panoptic-DeepLab with its own mapper, targets, losses and post-processing.
+    pdl_cfg = pdl_config(args, cfg)
+    seed_all_rng(args.seed)
+    pdl = build_model(pdl_cfg)
+    thing_ids = MetadataCatalog.get(train_name).thing_dataset_id_to_contiguous_id.values()
+    mapper = PanopticDeeplabDatasetMapper(
+        augmentations=build_train_augmentations(cfg),
+        image_format=cfg.INPUT.FORMAT,
+        panoptic_target_generator=panoptic_deeplab_target_generator(pdl_cfg, list(thing_ids)),
+    )
+    pdl_train_s = train(pdl, build_detection_train_loader(pdl_cfg, mapper=mapper), pdl_cfg,
+                        "Panoptic-DeepLab")
+    metrics = evaluate(PanopticAtNetworkSize(pdl), cfg, pdl_cfg.OUTPUT_DIR)
+    rows.append(_row(f"Panoptic-DeepLab (R{args.pdl_depth}, OS16)", metrics, pdl_train_s, pdl))
+    return rows
+
+
+def _row(name: str, metrics: Dict[str, float], train_s: float, model: nn.Module) -> Dict:
+    row = {"model": name, "train_s": train_s,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    row.update({k: float(metrics[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")})
+    return row
+
+
+def format_table(rows: Sequence[Dict]) -> str:
+    header = "| Model | Params (M) | PQ | SQ | RQ | PQ_th | PQ_st | Train time (s) |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['params_m']:.2f} | {r['PQ']:.1f} | {r['SQ']:.1f} | "
+            f"{r['RQ']:.1f} | {r['PQ_th']:.1f} | {r['PQ_st']:.1f} | {r['train_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    args = get_parser().parse_args(argv)
+    _check_args(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    setup_logger(name="maskattn_d2")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    rows = run(args)
+    markdown = "\n".join(
+        [
+            f"# PQ on the synthetic data ({args.num_train} train / {args.num_val} val images, "
+            f"{args.iters} iterations x {args.batch_size} images per model)",
+            "",
+            format_table(rows),
+            "",
+            "Both MaskAttn-UNet rows are the same trained model (train time counted once).",
+        ]
+    )
+    with open(os.path.join(args.output_dir, "compare_pq.md"), "w") as f:
+        f.write(markdown + "\n")
+    with open(os.path.join(args.output_dir, "compare_pq.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    print(markdown)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
