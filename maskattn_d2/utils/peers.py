@@ -14,6 +14,7 @@
 - :func:`synthetic_scenes`: panoptic scenes rendered in-process at the network size, from which
   each model's own training targets are built.
 """
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -113,7 +114,7 @@ def _images_tensor(scenes: Sequence[SyntheticScene], device) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- runners
-class Runner:
+class Runner(abc.ABC):
     """What the benchmark measures of one model.
 
     ``prepare`` turns the scenes' images into the network input (normalisation, not timed);
@@ -127,17 +128,21 @@ class Runner:
     name: str = ""
     model: nn.Module
 
+    @abc.abstractmethod
     def prepare(self, scenes: Sequence[SyntheticScene]) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def network(self, inputs: torch.Tensor) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def postprocess(self, outputs: Any, image_size: Tuple[int, int]) -> List[Any]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def training_loss(self, scenes: Sequence[SyntheticScene]) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def flops_module(self) -> nn.Module:
         return _TupleOutputs(self.model, lambda model, x: tuple(self.network(x)))
