@@ -23,6 +23,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..data.datasets.panoptic_conversion import read_panoptic_ids
+from ..modeling.postprocessing import resize_label_map
 
 __all__ = ["PaperProtocolPanopticEvaluator", "resize_ids_nearest"]
 
@@ -45,11 +46,10 @@ def resize_ids_nearest(ids: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     """
     if ids.ndim != 2:
         raise ValueError(f"ids must be (H, W), got shape {ids.shape}")
-    height, width = ids.shape
-    out_h, out_w = size
-    rows = np.minimum(((np.arange(out_h) + 0.5) * height / out_h).astype(np.int64), height - 1)
-    cols = np.minimum(((np.arange(out_w) + 0.5) * width / out_w).astype(np.int64), width - 1)
-    return ids[rows[:, None], cols[None, :]]
+    if ids.shape == tuple(size):
+        return ids.copy()  # always a new array, as callers may edit it
+    # The model's postprocessor resizes with the same function, so both sides share one rule.
+    return resize_label_map(torch.from_numpy(np.ascontiguousarray(ids)), size).numpy()
 
 
 def _segments_present(segments_info: Sequence[Dict], ids: np.ndarray) -> List[Dict]:

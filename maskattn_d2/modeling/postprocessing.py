@@ -68,9 +68,12 @@ def resize_label_map(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tenso
     out_h, out_w = size
     if (out_h, out_w) == (h, w):
         return labels
+    # Output pixel i samples input pixel floor((i + 0.5) * h / out_h) (PIL's NEAREST rule),
+    # in float64 so that exact boundaries round the same way on every device.
     device = labels.device
-    ys = ((torch.arange(out_h, device=device) + 0.5) * (h / out_h)).long().clamp(max=h - 1)
-    xs = ((torch.arange(out_w, device=device) + 0.5) * (w / out_w)).long().clamp(max=w - 1)
+    ys = torch.arange(out_h, device=device, dtype=torch.float64).add_(0.5).mul_(h).div_(out_h)
+    xs = torch.arange(out_w, device=device, dtype=torch.float64).add_(0.5).mul_(w).div_(out_w)
+    ys, xs = ys.long().clamp_(max=h - 1), xs.long().clamp_(max=w - 1)
     return labels[ys[:, None], xs[None, :]]
 
 
