@@ -3,11 +3,11 @@
 ====================================  =======================================================
 evaluator_type                        evaluators (``cfg.TEST.EVALUATORS`` picks among them)
 ====================================  =======================================================
-coco_panoptic_seg,                    "panoptic": COCOPanopticEvaluator
+coco_panoptic_seg,                    "panoptic": PanopticEvaluator
 ade20k_panoptic_seg                   "instance": InstanceSegEvaluator (skipped, with a
                                       warning, when there is no instances json)
                                       "semantic": PanopticSemSegEvaluator
-cityscapes_panoptic_seg               "panoptic": COCOPanopticEvaluator
+cityscapes_panoptic_seg               "panoptic": PanopticEvaluator
                                       "instance": CityscapesInstanceEvaluator
                                       "semantic": CityscapesSemSegEvaluator
                                       (as detectron2's Panoptic-DeepLab train_net)
@@ -30,7 +30,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
-    COCOPanopticEvaluator,
     DatasetEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
@@ -38,6 +37,7 @@ from detectron2.evaluation import (
 
 from ..data.datasets import ensure_instances_json
 from .instance_seg import InstanceSegEvaluator
+from .panoptic import PanopticEvaluator
 from .panoptic_semseg import PanopticSemSegEvaluator, load_sem_seg_gt
 from .paper_protocol import PaperProtocolPanopticEvaluator
 
@@ -133,7 +133,7 @@ def _coco_panoptic_evaluators(
 ) -> List[DatasetEvaluator]:
     evaluators: List[DatasetEvaluator] = []
     if "panoptic" in requested:
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        evaluators.append(PanopticEvaluator(dataset_name, output_folder))
     if "instance" in requested and _ensure_instances_json(dataset_name) is not None:
         evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_folder))
     if "semantic" in requested:
@@ -146,7 +146,7 @@ def _cityscapes_panoptic_evaluators(
 ) -> List[DatasetEvaluator]:
     evaluators: List[DatasetEvaluator] = []
     if "panoptic" in requested:
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        evaluators.append(PanopticEvaluator(dataset_name, output_folder))
     has_scripts = _cityscapesscripts_available()
     if "instance" in requested:
         if has_scripts:

@@ -10,9 +10,13 @@ unified metadata holds all K names. :class:`InstanceSegEvaluator` moves predicti
 dense things-only space, drops predictions of stuff classes (they have no instance ground
 truth), and lets COCOEvaluator do the rest (COCO json dump, pycocotools AP, per-class table).
 """
+import contextlib
+import io
 from typing import Dict, Optional
 
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from detectron2.data.catalog import Metadata
 from detectron2.evaluation import COCOEvaluator
@@ -40,6 +44,10 @@ class InstanceSegEvaluator(COCOEvaluator):
     own id unmapping turns them into the json's category ids. Where the things already are
     ``0..T-1`` (detectron2's "coco", maskattn_d2's things-first metadata) the renumbering is
     the identity. The model's outputs are never modified (other evaluators see them too).
+
+    Unlike COCOEvaluator, whose AP is NaN when the model predicts no instance at all, a run
+    without predictions is scored by COCOeval against an empty result set: AP 0 where the
+    ground truth has instances, NaN only where it has none (AP undefined).
     """
 
     def __init__(
@@ -55,13 +63,18 @@ class InstanceSegEvaluator(COCOEvaluator):
     ):
         """
         Args:
-            dataset_name, tasks, distributed, output_dir, max_dets_per_image,
+            dataset_name, distributed, output_dir, max_dets_per_image,
                 allow_cached_coco: as in :class:`COCOEvaluator`.
+            tasks: as in :class:`COCOEvaluator`; default ("bbox", "segm"), the tasks of mask
+                predictions (COCOEvaluator would guess them from the predictions, and guess
+                "bbox" only when there are none).
             use_fast_impl: use detectron2's C++ COCOeval; None (default) uses it exactly when
                 ``detectron2._C`` is importable, otherwise pycocotools' official COCOeval.
         """
         if use_fast_impl is None:
             use_fast_impl = fast_coco_eval_available()
+        if tasks is None:
+            tasks = ("bbox", "segm")
         super().__init__(
             dataset_name,
             tasks,
@@ -124,3 +137,26 @@ class InstanceSegEvaluator(COCOEvaluator):
         instances = instances[keep]
         instances.pred_classes = thing[keep]
         return instances
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if coco_eval is None:  # COCOEvaluator skips COCOeval when there are no predictions
+            coco_eval = self._evaluate_no_predictions(iou_type)
+        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+
+    def _evaluate_no_predictions(self, iou_type: str) -> COCOeval:
+        """COCOeval of an empty result set (pycocotools' loadRes cannot load one)."""
+        self._logger.warning("No instance predicted on any image: scoring an empty result set.")
+        gt = self._coco_api
+        empty = COCO()
+        empty.dataset = {
+            "images": gt.dataset["images"],
+            "categories": gt.dataset["categories"],
+            "annotations": [],
+        }
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress messages
+            empty.createIndex()
+            coco_eval = COCOeval(gt, empty, iou_type)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        coco_eval.summarize()
+        return coco_eval

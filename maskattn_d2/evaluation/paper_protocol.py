@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from detectron2.data.catalog import Metadata
-from detectron2.evaluation import COCOPanopticEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..data.datasets.panoptic_conversion import read_panoptic_ids
 from ..modeling.postprocessing import resize_label_map
+from .panoptic import PanopticEvaluator
 
 __all__ = ["PaperProtocolPanopticEvaluator", "resize_ids_nearest"]
 
@@ -63,7 +63,7 @@ def _segments_present(segments_info: Sequence[Dict], ids: np.ndarray) -> List[Di
     return [dict(s, area=area[s["id"]]) for s in segments_info if s["id"] in area]
 
 
-class PaperProtocolPanopticEvaluator(COCOPanopticEvaluator):
+class PaperProtocolPanopticEvaluator(PanopticEvaluator):
     """PQ/SQ/RQ at the network resolution (the paper's "128x128" protocol).
 
     Predictions (``output["panoptic_seg"]`` at the original size, as for

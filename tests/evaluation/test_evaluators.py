@@ -26,6 +26,7 @@ from maskattn_d2.data.datasets.panoptic_conversion import read_panoptic_ids
 from maskattn_d2.data.target_generator import panoptic_to_semantic
 from maskattn_d2.evaluation import (
     InstanceSegEvaluator,
+    PanopticEvaluator,
     PanopticSemSegEvaluator,
     PaperProtocolPanopticEvaluator,
     build_evaluator,
@@ -167,7 +168,7 @@ def test_resize_ids_nearest_matches_pil_nearest(src, dst):
 def test_coco_sample_perfect_predictions_score_100(coco_mini, tmp_path):
     evaluator = build_evaluator(make_cfg(tmp_path), coco_mini)
     assert evaluator_types(evaluator) == [
-        COCOPanopticEvaluator,
+        PanopticEvaluator,
         InstanceSegEvaluator,
         PanopticSemSegEvaluator,
     ]
@@ -231,7 +232,7 @@ def test_instance_evaluator_uses_official_cocoeval_without_detectron2_C(coco_min
 def test_paper_protocol_perfect_predictions_and_standard_numbers_unchanged(coco_mini, tmp_path):
     cfg = make_cfg(tmp_path, evaluators=["panoptic"], paper_protocol=True)
     evaluator = build_evaluator(cfg, coco_mini)
-    assert evaluator_types(evaluator) == [COCOPanopticEvaluator, PaperProtocolPanopticEvaluator]
+    assert evaluator_types(evaluator) == [PanopticEvaluator, PaperProtocolPanopticEvaluator]
     corrupted = largest_thing_relabel(coco_mini)
     results = evaluate(evaluator, coco_mini, **corrupted)
     assert set(results) == {"panoptic_seg", "panoptic_seg_paper_protocol"}
@@ -285,7 +286,7 @@ def test_cityscapes_fixture_matches_create_panoptic_imgs(cityscapes_root, tmp_pa
 
 def test_cityscapes_panoptic_perfect_pq(cityscapes_panoptic, tmp_path):
     evaluator = build_evaluator(make_cfg(tmp_path, evaluators=["panoptic"]), cityscapes_panoptic)
-    assert evaluator_types(evaluator) == [COCOPanopticEvaluator]
+    assert evaluator_types(evaluator) == [PanopticEvaluator]
     results = evaluate(evaluator, cityscapes_panoptic)
     for key in PANOPTIC_KEYS:
         assert results["panoptic_seg"][key] == pytest.approx(100.0), key
@@ -297,7 +298,7 @@ def test_cityscapes_evaluators_perfect_predictions(cityscapes_panoptic, tmp_path
     from detectron2.evaluation import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
 
     assert evaluator_types(evaluator) == [
-        COCOPanopticEvaluator,
+        PanopticEvaluator,
         CityscapesInstanceEvaluator,
         CityscapesSemSegEvaluator,
         PaperProtocolPanopticEvaluator,
@@ -327,7 +328,7 @@ def test_cityscapes_without_cityscapesscripts_falls_back(
     monkeypatch.setattr(build_module, "_cityscapesscripts_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger="maskattn_d2"):
         evaluator = build_evaluator(make_cfg(tmp_path), cityscapes_panoptic)
-    assert evaluator_types(evaluator) == [COCOPanopticEvaluator, PanopticSemSegEvaluator]
+    assert evaluator_types(evaluator) == [PanopticEvaluator, PanopticSemSegEvaluator]
     assert "cityscapesscripts is not installed" in caplog.text
     results = evaluate(evaluator, cityscapes_panoptic)
     assert results["panoptic_seg"]["PQ"] == pytest.approx(100.0)
@@ -489,7 +490,7 @@ def test_build_evaluator_on_the_data_packages_coco_sample(tmp_path, monkeypatch)
         evaluator = build_evaluator(make_cfg(tmp_path), name)
         assert os.path.isfile(json_file)
         assert evaluator_types(evaluator) == [
-            COCOPanopticEvaluator,
+            PanopticEvaluator,
             InstanceSegEvaluator,
             PanopticSemSegEvaluator,
         ]
@@ -513,5 +514,5 @@ def test_build_evaluator_skips_instances_without_json(
     )
     with caplog.at_level(logging.WARNING, logger="maskattn_d2"):
         evaluator = build_evaluator(make_cfg(tmp_path), name)
-    assert evaluator_types(evaluator) == [COCOPanopticEvaluator, PanopticSemSegEvaluator]
+    assert evaluator_types(evaluator) == [PanopticEvaluator, PanopticSemSegEvaluator]
     assert "instance ap is skipped" in caplog.text.lower()

@@ -1,0 +1,110 @@
+"""Hand-made panoptic datasets in COCO panoptic format, registered like a user's own dataset.
+
+Categories (dataset id: name): 1 "disc" and 2 "box" are things, 3 "sky" and 4 "grass" stuff.
+With maskattn_d2's things-first metadata their contiguous ids are disc 0, box 1, sky 2,
+grass 3. Each scene is a 32x32 (or any size) id map with its segments.
+"""
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from panopticapi.utils import id2rgb
+from PIL import Image
+
+from maskattn_d2.data.datasets import panoptic_metadata, register_panoptic_dataset
+from maskattn_d2.data.datasets.panoptic_conversion import convert_panoptic_annotations
+
+CATEGORIES = [
+    {"id": 1, "name": "disc", "isthing": 1},
+    {"id": 2, "name": "box", "isthing": 1},
+    {"id": 3, "name": "sky", "isthing": 0},
+    {"id": 4, "name": "grass", "isthing": 0},
+]
+DISC, BOX, SKY, GRASS = 1, 2, 3, 4  # dataset category ids
+CONTIGUOUS = {DISC: 0, BOX: 1, SKY: 2, GRASS: 3}
+NUM_CLASSES = 4
+
+
+def scene_with_things(size: int = 32):
+    """Sky above grass, one disc and one box: (id map, segments)."""
+    ids = np.full((size, size), 3, np.int32)
+    ids[size // 2 :] = 4
+    ids[4:12, 4:12] = 11
+    ids[20:28, 18:28] = 12
+    segments = [
+        {"id": 3, "category_id": SKY},
+        {"id": 4, "category_id": GRASS},
+        {"id": 11, "category_id": DISC},
+        {"id": 12, "category_id": BOX},
+    ]
+    return ids, segments
+
+
+def scene_stuff_only(size: int = 32):
+    """Sky above grass, no thing."""
+    ids = np.full((size, size), 3, np.int32)
+    ids[size // 2 :] = 4
+    return ids, [{"id": 3, "category_id": SKY}, {"id": 4, "category_id": GRASS}]
+
+
+def scene_all_void(size: int = 32):
+    """No segment at all: every pixel is void."""
+    return np.zeros((size, size), np.int32), []
+
+
+SCENES = {"things": scene_with_things, "stuff_only": scene_stuff_only, "void": scene_all_void}
+
+
+def write_panoptic_dataset(
+    root: Path, scenes: Sequence[str], *, name: Optional[str] = None, size: int = 32
+) -> Dict[str, str]:
+    """Write images, panoptic PNGs, panoptic json and instances json for the named scenes
+    (keys of ``SCENES``); register the dataset as ``name`` if given. Returns the paths."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "panoptic").mkdir(exist_ok=True)
+    images, annotations = [], []
+    rng = np.random.default_rng(0)
+    for image_id, scene in enumerate(scenes, start=1):
+        ids, segments = SCENES[scene](size)
+        stem = f"{image_id:03d}_{scene}"
+        # Pixel colours follow the classes (plus noise) so a model can learn them.
+        colour = np.array([[0, 0, 0], [200, 40, 40], [40, 40, 200], [120, 180, 240], [60, 160, 60]])
+        category_of = {s["id"]: s["category_id"] for s in segments}
+        categories = np.vectorize(lambda i: category_of.get(int(i), 0))(ids)
+        image = colour[categories] + rng.integers(0, 20, (size, size, 3))
+        Image.fromarray(image.astype(np.uint8)).save(root / "images" / f"{stem}.jpg")
+        Image.fromarray(id2rgb(ids)).save(root / "panoptic" / f"{stem}.png")
+        images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": size, "width": size})
+        annotations.append(
+            {
+                "image_id": image_id,
+                "file_name": f"{stem}.png",
+                "segments_info": [
+                    dict(s, iscrowd=0, area=int((ids == s["id"]).sum())) for s in segments
+                ],
+            }
+        )
+    data = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    (root / "panoptic.json").write_text(json.dumps(data))
+    convert_panoptic_annotations(
+        data, str(root / "panoptic"), instances_json=str(root / "instances.json")
+    )
+    paths = {
+        "image_root": str(root / "images"),
+        "panoptic_root": str(root / "panoptic"),
+        "panoptic_json": str(root / "panoptic.json"),
+        "json_file": str(root / "instances.json"),
+    }
+    if name is not None:
+        register_panoptic_dataset(name, panoptic_metadata(CATEGORIES), paths)
+    return paths
+
+
+def unregister(names: List[str]) -> None:
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
