@@ -12,7 +12,12 @@ from detectron2.utils.registry import Registry
 from panopticapi.utils import rgb2id
 
 from .augmentations import build_test_augmentations, build_train_augmentations
-from .datasets.validation import check_segments_info, read_image_checked, read_panoptic_png
+from .datasets.validation import (
+    check_segments_info,
+    read_image_checked,
+    read_panoptic_png,
+    unlisted_segment_ids,
+)
 from .target_generator import panoptic_to_targets
 
 __all__ = ["DATASET_MAPPER_REGISTRY", "MaskAttnPanopticMapper", "build_dataset_mapper"]
@@ -40,7 +45,8 @@ class MaskAttnPanopticMapper:
        encoding of the segment ids (nearest sampling on each channel keeps every id intact;
        detectron2 resizes only uint8 maps with PIL's nearest, which is why the ids travel
        RGB-encoded). The augmentations must end at ``network_size`` (a stretch resize).
-    4. Decode the ids and build the targets with
+    4. Decode the ids (ids missing from ``segments_info`` are void, as in panopticapi's
+       evaluation, with a warning once per file) and build the targets with
        :func:`~maskattn_d2.data.target_generator.panoptic_to_targets`.
     5. Return the dict with "image" (3, h, w) uint8 at network size (the model normalises),
        "sem_seg" (h, w) int64 (contiguous class, ``ignore_label`` for void; crowd keeps its
@@ -87,6 +93,7 @@ class MaskAttnPanopticMapper:
         self.thing_ids = sorted(int(i) for i in thing_ids)
         self.min_instance_pixels = int(min_instance_pixels)
         self.num_classes = num_classes
+        self._warned_files = set()
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(f"[MaskAttnPanopticMapper] {mode}: {augmentations}")
 
@@ -148,8 +155,10 @@ class MaskAttnPanopticMapper:
                 f"{self.network_size}"
             )
 
+        pan_ids = rgb2id(np.ascontiguousarray(pan_rgb))
+        self._warn_unlisted_ids(pan_ids, segments_info, pan_file)
         sem_seg, instance_ids = panoptic_to_targets(
-            rgb2id(np.ascontiguousarray(pan_rgb)),
+            pan_ids,
             segments_info,
             thing_ids=self.thing_ids,
             ignore_label=self.ignore_label,
@@ -160,6 +169,19 @@ class MaskAttnPanopticMapper:
         dataset_dict["sem_seg"] = torch.as_tensor(np.ascontiguousarray(sem_seg))
         dataset_dict["instance_ids"] = torch.as_tensor(np.ascontiguousarray(instance_ids))
         return dataset_dict
+
+    def _warn_unlisted_ids(self, pan_ids: np.ndarray, segments_info, pan_file: str) -> None:
+        """Ids of the PNG missing from segments_info become void (as in panopticapi's
+        evaluation); say so once per file, since it usually means a broken annotation."""
+        if pan_file in self._warned_files:
+            return
+        unlisted = unlisted_segment_ids(pan_ids, segments_info)
+        if unlisted:
+            self._warned_files.add(pan_file)
+            logging.getLogger(__name__).warning(
+                f"{pan_file}: segment ids {unlisted} are not in segments_info; their pixels "
+                "are treated as void."
+            )
 
 
 def build_dataset_mapper(cfg, is_train: bool = True):

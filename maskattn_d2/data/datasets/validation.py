@@ -6,11 +6,11 @@ missing file fails with its name instead of a bare PIL error deep inside a data-
 ``check_panoptic_dataset(..., read_files=True)`` decodes every file once, for a full audit.
 """
 import os
-from typing import Mapping, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
+from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
 from panopticapi.utils import rgb2id
 from PIL import Image
 
@@ -18,25 +18,61 @@ __all__ = [
     "check_panoptic_dataset",
     "check_segment_ids_in_png",
     "check_segments_info",
+    "unlisted_segment_ids",
     "read_image_checked",
     "read_panoptic_png",
 ]
 
 
+# PIL modes of images with more than 8 bits per sample (16-bit PNG / TIFF grayscale), and the
+# value that maps to white when they are scaled to 8 bits.
+_HIGH_BIT_DEPTH_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer grayscale image to 8 bits ("L"), 0..65535 -> 0..255.
+
+    PIL's own ``convert("RGB")`` clips such images at 255 instead of scaling them, which turns
+    a 16-bit photo almost white. Floating-point images have no agreed range and are refused.
+    """
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        white = _HIGH_BIT_DEPTH_MODES[image.mode]
+        values = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(values, 0, white) * (255.0 / white)
+        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise ValueError("floating-point (mode F) images are not supported; save it as 8 or 16 bit")
+    return image
+
+
 def read_image_checked(file_name: str, image_format: Optional[str] = None) -> np.ndarray:
-    """detectron2's ``read_image`` with errors that name the file.
+    """detectron2's ``read_image`` with errors that name the file and 16-bit images scaled.
+
+    Grayscale, palette, RGBA (alpha dropped) and CMYK images are converted to ``image_format``
+    by PIL as in detectron2; 16-bit grayscale images are scaled to 8 bits first (PIL would clip
+    them). The EXIF orientation is applied, as detectron2 does.
 
     Returns:
-        (H, W, C) uint8 image in ``image_format`` ("RGB", "BGR", ...).
+        (H, W, C) uint8 image in ``image_format`` ("RGB", "BGR", "L", ...); with None, the
+        decoded array as it is.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded (corrupt or truncated image).
+        ValueError: the file cannot be decoded (corrupt or truncated image), has more pixels
+            than PIL accepts (``PIL.Image.MAX_IMAGE_PIXELS``, a decompression-bomb guard) or is
+            a floating-point image.
     """
     if not os.path.isfile(file_name):
         raise FileNotFoundError(f"Image file not found: {file_name}")
     try:
-        return read_image(file_name, format=image_format)
+        with Image.open(file_name) as image:
+            image = _to_8_bit(_apply_exif_orientation(image))
+            return convert_PIL_to_numpy(image, image_format)
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"Image file {file_name} is too large to decode safely: {e} Resize it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the size is intended."
+        ) from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"Cannot decode image file {file_name}: {e}") from e
 
@@ -81,15 +117,31 @@ def check_segments_info(
             )
 
 
+def unlisted_segment_ids(pan_ids: np.ndarray, segments_info: Sequence[Mapping]) -> List[int]:
+    """Non-zero ids of a panoptic map that ``segments_info`` does not list (sorted).
+
+    Training and panopticapi's evaluation both treat such pixels as void.
+    """
+    listed = np.asarray([int(s["id"]) for s in segments_info] + [0], dtype=np.int64)
+    present = np.unique(pan_ids).astype(np.int64)
+    return present[~np.isin(present, listed)].tolist()
+
+
 def check_segment_ids_in_png(
     pan_ids: np.ndarray, segments_info: Sequence[Mapping], file_name: str
 ) -> None:
-    """Raise ValueError naming ``file_name`` if a segment of ``segments_info`` has no pixel."""
+    """Raise ValueError naming ``file_name`` if a segment of ``segments_info`` has no pixel,
+    or if the PNG has a non-zero id that ``segments_info`` does not list."""
     present = np.unique(pan_ids)
     wanted = np.asarray([int(s["id"]) for s in segments_info], dtype=np.int64)
     missing = wanted[~np.isin(wanted, present)]
     if len(missing):
         raise ValueError(f"{file_name}: segment ids {missing.tolist()} do not occur in the PNG")
+    unlisted = unlisted_segment_ids(pan_ids, segments_info)
+    if unlisted:
+        raise ValueError(
+            f"{file_name}: the PNG has segment ids {unlisted} that segments_info does not list"
+        )
 
 
 def _dicts_and_classes(dataset, num_classes):
@@ -123,7 +175,7 @@ def check_panoptic_dataset(
     Raises:
         FileNotFoundError: an image, panoptic PNG or semantic PNG is missing.
         ValueError: an empty dataset, a corrupt file, a size mismatch, an unknown category id
-            or a segment id absent from the PNG.
+            a segment id absent from the PNG or a PNG id absent from segments_info.
     """
     dicts, num_classes = _dicts_and_classes(dataset, num_classes)
     if not dicts:

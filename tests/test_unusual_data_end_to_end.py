@@ -1,0 +1,89 @@
+"""The whole model on unusual data: images without annotations or without things train and
+evaluate; outputs come back at extreme original sizes (1x1, 2400x3200)."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from maskattn_d2 import add_maskattn_config
+from maskattn_d2.engine import MaskAttnTrainer, adapt_config_to_device
+
+from .modeling.test_meta_arch import small_cfg
+from .panoptic_factory import NUM_CLASSES, unregister, write_panoptic_dataset
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-MaskAttn-UNet.yaml"
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (2400, 3200)])
+def test_outputs_at_extreme_original_sizes(height, width):
+    torch.manual_seed(0)
+    model = build_model(small_cfg()).eval()
+    image = torch.randint(0, 255, (3, min(height, 64), min(width, 64)), dtype=torch.uint8)
+    (out,) = model([{"image": image, "height": height, "width": width}])
+    assert out["sem_seg"].shape == (4, height, width)
+    ids, segments = out["panoptic_seg"]
+    assert ids.shape == (height, width)
+    assert sum(s["area"] for s in segments) == int((ids > 0).sum())
+    assert out["instances"].image_size == (height, width)
+
+
+def test_batch_without_any_label_gives_zero_finite_losses():
+    model = build_model(small_cfg())
+    void = {
+        "image": torch.zeros(3, 64, 64, dtype=torch.uint8),
+        "sem_seg": torch.full((64, 64), 255, dtype=torch.long),
+        "instance_ids": torch.zeros(64, 64, dtype=torch.long),
+    }
+    with EventStorage():
+        losses = model([void, void])
+    assert all(float(v) == 0 for v in losses.values())
+    sum(losses.values()).backward()  # still a graph: DDP needs every loss to backpropagate
+
+
+@pytest.fixture
+def unusual_dataset(tmp_path):
+    name = "maskattn_test_unusual_panoptic"
+    write_panoptic_dataset(tmp_path / "data", ["void", "stuff_only", "things", "void"], name=name)
+    yield name
+    unregister([name])
+
+
+def test_trains_and_evaluates_with_void_and_stuff_only_images(unusual_dataset, tmp_path):
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.merge_from_file(str(BASE_CONFIG))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(NUM_CLASSES),
+        "MODEL.MASK_ATTN_UNET.CHANNELS", "[8, 16, 32]",
+        "MODEL.MASK_ATTN.ENCODER_SCALES", "[4]",
+        "MODEL.MASK_ATTN.DECODER_SCALES", "[2]",
+        "MODEL.SEM_SEG_HEAD.CONVS_DIM", "8",
+        "MODEL.EMBED_HEAD.CONVS_DIM", "8",
+        "INPUT.NETWORK_SIZE", "(32, 32)",
+        "DATASETS.TRAIN", f"('{unusual_dataset}',)",
+        "DATASETS.TEST", f"('{unusual_dataset}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", "8",
+        "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", str(tmp_path / "out"),
+    ])
+    adapt_config_to_device(cfg)
+    trainer = MaskAttnTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+    losses = [value for value, _ in trainer.storage.history("total_loss").values()]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    results = trainer._last_eval_results
+    assert {"panoptic_seg", "segm", "bbox", "sem_seg"} <= set(results)
+    assert 0 <= results["sem_seg"]["mIoU"] <= 100
+    assert 0 <= results["panoptic_seg"]["PQ"] <= 100
+    assert (tmp_path / "out" / "model_final.pth").is_file()
