@@ -1,4 +1,10 @@
 from .optimizer import build_optimizer
-from .trainer import AtomicCheckpointer, MaskAttnTrainer, adapt_config_to_device
+from .trainer import AtomicCheckpointer, MaskAttnTrainer, TrainingError, adapt_config_to_device
 
-__all__ = ["AtomicCheckpointer", "MaskAttnTrainer", "adapt_config_to_device", "build_optimizer"]
+__all__ = [
+    "AtomicCheckpointer",
+    "MaskAttnTrainer",
+    "TrainingError",
+    "adapt_config_to_device",
+    "build_optimizer",
+]

@@ -1,13 +1,17 @@
-"""The project's DefaultTrainer: mapper, evaluators, optimizer, and CPU-safe multi-process runs."""
+"""The project's DefaultTrainer: mapper, evaluators, optimizer, CPU-safe multi-process runs,
+atomic checkpoints and an explicit failure path (no final checkpoint or evaluation after a
+failed step)."""
+import io
 import logging
 import os
+import pickle
 import weakref
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -16,12 +20,22 @@ from ..data import build_dataset_mapper
 from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
 
-__all__ = ["MaskAttnTrainer", "adapt_config_to_device", "AtomicCheckpointer"]
+__all__ = ["MaskAttnTrainer", "adapt_config_to_device", "AtomicCheckpointer", "TrainingError"]
 
 logger = logging.getLogger(__name__)
 
 # Every config key that names a normalisation layer.
 _NORM_KEYS = ("MASK_ATTN_UNET", "SEM_SEG_HEAD", "EMBED_HEAD")
+
+# Hooks whose after_train writes a checkpoint or evaluates. detectron2's EvalHook and
+# BestCheckpointer test ``iter + 1 >= max_iter``, which also holds when the *last* step
+# failed, so after a failure they would evaluate (or save) the weights of the failed step.
+_RESULT_HOOKS = (hooks.PeriodicCheckpointer, hooks.BestCheckpointer, hooks.EvalHook)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped by an exception (chained as ``__cause__``); the message names the
+    iteration and the checkpoint to resume from."""
 
 
 def adapt_config_to_device(cfg):
@@ -62,14 +76,60 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to %s", save_file)
         with self.path_manager.open(tmp_file, "wb") as f:
             torch.save(data, f)
+            _sync(f)  # data on disk before the rename makes it visible
         os.replace(tmp_file, save_file)
         self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        # Same tmp + rename as save(): ``last_checkpoint`` (what --resume reads) always names
+        # a complete file, old or new, never an empty or half-written one.
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        tmp_file = save_file + ".tmp"
+        with self.path_manager.open(tmp_file, "w") as f:
+            f.write(last_filename_basename)
+            _sync(f)
+        os.replace(tmp_file, save_file)
+
+    def _load_file(self, filename: str):
+        # torch.load's errors on a truncated file ("failed finding central directory",
+        # EOFError) do not say which file; name it and where it came from.
+        try:
+            return super()._load_file(filename)
+        except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty file'}"
+            last = self.get_checkpoint_file() if self.save_dir else ""
+            if last and os.path.realpath(last) == os.path.realpath(filename):
+                tag = os.path.join(self.save_dir, "last_checkpoint")
+                hint = (
+                    f"It is the checkpoint named by {tag} (--resume): write the name of an "
+                    "earlier checkpoint of that directory into it, or delete it to start over"
+                )
+            else:
+                hint = "Check the path given to load it (e.g. MODEL.WEIGHTS)"
+            raise RuntimeError(
+                f"Cannot load checkpoint {filename}: the file is truncated, corrupt or not a "
+                f"checkpoint ({reason}). {hint}."
+            ) from e
+
+
+def _sync(f) -> None:
+    """Flush ``f`` and fsync it, so a rename never exposes data still in the page cache
+    (skipped for file objects without a descriptor, e.g. from a remote path handler)."""
+    f.flush()
+    try:
+        fd = f.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        return
+    os.fsync(fd)
 
 
 class MaskAttnTrainer(DefaultTrainer):
     """DefaultTrainer with the mapper named by ``INPUT.DATASET_MAPPER_NAME``, evaluators chosen
-    per dataset, AdamW, atomic checkpoints, and DDP that also works for several CPU processes
-    (GLOO)."""
+    per dataset, AdamW, atomic checkpoints, writers every ``LOG_PERIOD`` iterations, DDP that
+    also works for several CPU processes (GLOO), and an explicit failure path: when a step
+    raises (e.g. detectron2's "Loss became infinite or NaN"), no final checkpoint or evaluation
+    is made and a :class:`TrainingError` names the iteration and the checkpoint to resume from.
+    """
 
     def __init__(self, cfg):
         # Same steps as DefaultTrainer.__init__; the one difference is create_ddp_model's
@@ -111,3 +171,44 @@ class MaskAttnTrainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        # DefaultTrainer hard-codes the writers' period (20); same writers, LOG_PERIOD.
+        return [
+            hooks.PeriodicWriter(h._writers, period=self.cfg.LOG_PERIOD)
+            if isinstance(h, hooks.PeriodicWriter)
+            else h
+            for h in ret
+        ]
+
+    def train(self):
+        try:
+            return super().train()
+        except Exception as e:
+            message = self._failure_message(e)
+            logger.error(message)
+            raise TrainingError(message) from e
+
+    def after_train(self):
+        # TrainerBase leaves ``iter`` below ``max_iter`` only when training stopped early (an
+        # exception): then skip the checkpoint / evaluation hooks; writers still flush.
+        if self.iter >= self.max_iter:
+            return super().after_train()
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if not isinstance(h, _RESULT_HOOKS):
+                h.after_train()
+
+    def _failure_message(self, error: Exception) -> str:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        if self.checkpointer.has_checkpoint():
+            last = self.checkpointer.get_checkpoint_file()
+            where = f"last good checkpoint: {last}"
+        else:
+            where = f"no checkpoint written yet in {self.cfg.OUTPUT_DIR}"
+        return (
+            f"Training stopped at iteration {self.iter} ({type(error).__name__}: {first_line}); "
+            f"nothing was saved or evaluated after it; {where}. Rerun with --resume (same "
+            "OUTPUT_DIR) to continue from the last checkpoint."
+        )

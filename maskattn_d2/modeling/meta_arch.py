@@ -109,6 +109,15 @@ class MaskAttnUNet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.network_size = tuple(int(s) for s in network_size)
+        # Checked here rather than at the first forward, whose error would not say which
+        # config key to change.
+        divisor = int(getattr(backbone, "size_divisibility", 0) or 1)
+        if len(self.network_size) != 2 or any(s <= 0 or s % divisor for s in self.network_size):
+            raise ValueError(
+                f"INPUT.NETWORK_SIZE {tuple(network_size)} must be (height, width), both positive "
+                f"multiples of {divisor}, the backbone's deepest stride (one halving per stage "
+                "of MODEL.MASK_ATTN_UNET.CHANNELS after the first)."
+            )
         self.register_buffer("thing_ids", torch.tensor(sorted(thing_ids), dtype=torch.long), False)
         self.ignore_value = ignore_value
         self.sem_seg_loss_weight = sem_seg_loss_weight
