@@ -173,6 +173,10 @@ class MaskAttnTrainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
+        if self.cfg.LOG_PERIOD < 1:
+            raise ValueError(
+                f"LOG_PERIOD must be a positive number of iterations, got {self.cfg.LOG_PERIOD}"
+            )
         ret = super().build_hooks()
         # DefaultTrainer hard-codes the writers' period (20); same writers, LOG_PERIOD.
         return [
@@ -203,12 +207,16 @@ class MaskAttnTrainer(DefaultTrainer):
     def _failure_message(self, error: Exception) -> str:
         first_line = str(error).splitlines()[0] if str(error) else ""
         if self.checkpointer.has_checkpoint():
-            last = self.checkpointer.get_checkpoint_file()
-            where = f"last good checkpoint: {last}"
+            where = (
+                f"last good checkpoint: {self.checkpointer.get_checkpoint_file()}. Rerun with "
+                "--resume (same OUTPUT_DIR) to continue from it"
+            )
         else:
-            where = f"no checkpoint written yet in {self.cfg.OUTPUT_DIR}"
+            where = (
+                f"no checkpoint written yet in {self.cfg.OUTPUT_DIR}, so a rerun (--resume "
+                "too) starts from iteration 0"
+            )
         return (
             f"Training stopped at iteration {self.iter} ({type(error).__name__}: {first_line}); "
-            f"nothing was saved or evaluated after it; {where}. Rerun with --resume (same "
-            "OUTPUT_DIR) to continue from the last checkpoint."
+            f"nothing was saved or evaluated after it; {where}."
         )
