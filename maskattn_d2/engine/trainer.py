@@ -60,8 +60,9 @@ def adapt_config_to_device(cfg):
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """A DetectionCheckpointer that writes each checkpoint to a temporary file and renames it,
-    so an interrupted save never leaves a truncated checkpoint in place of a good one."""
+    """A DetectionCheckpointer that writes each checkpoint, and the ``last_checkpoint`` tag, to
+    a temporary file, fsyncs and renames it, so an interrupted save never leaves a truncated
+    checkpoint in place of a good one; a file that cannot be read fails with its name."""
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
