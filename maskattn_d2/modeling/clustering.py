@@ -5,9 +5,8 @@ Both are vectorised torch code (no per-pixel Python loops) that runs on CPU and 
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["cluster_embeddings", "connected_components"]
+__all__ = ["cluster_embeddings", "connected_components", "label_map_components"]
 
 
 def _evenly_spaced(indices: torch.Tensor, max_count: int) -> torch.Tensor:
@@ -18,36 +17,122 @@ def _evenly_spaced(indices: torch.Tensor, max_count: int) -> torch.Tensor:
     return indices[positions.long()]
 
 
+def _greedy_suppression(denser: torch.Tensor, sweeps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Greedy non-maximum suppression in parallel sweeps.
+
+    Items are in priority order; going through them in that order, an item is selected unless
+    a selected item is adjacent to it. Each sweep (two matrix-vector products) selects every
+    undecided item with no undecided adjacent item before it and suppresses the items after it
+    that are adjacent to a new selection. After enough sweeps (at most the number of items)
+    this is the greedy result; with fewer, some items are still undecided.
+
+    Args:
+        denser: (K, K) float, ``denser[i, j] = 1`` if j < i and j is adjacent to i, else 0
+            (the strictly lower triangle of a 0 / 1 adjacency matrix).
+        sweeps: number of parallel sweeps.
+
+    Returns:
+        selected, undecided: (K,) bool.
+    """
+    # 0 / 1 floats throughout: the matrix products need them, and conversions cost.
+    undecided = torch.ones(denser.shape[0], dtype=denser.dtype, device=denser.device)
+    selected = torch.zeros_like(undecided)
+    for _ in range(sweeps):
+        new = undecided * (denser @ undecided == 0)
+        selected += new
+        undecided = (undecided - new) * (denser @ new == 0)
+    return selected > 0, undecided > 0
+
+
+def _density_seeds(candidates: torch.Tensor, similarity_threshold: float, sweeps: int):
+    """
+    Seeds among candidate points: greedy non-maximum suppression by density.
+
+    A candidate's density is the number of candidates within the threshold (cosine similarity
+    above it, itself included). In order of decreasing density (ties: lower index first), a
+    candidate is a seed unless a seed is within the threshold, resolved in ``sweeps`` parallel
+    sweeps (:func:`_greedy_suppression`); candidates still undecided are not seeds.
+
+    Args:
+        candidates: (C, D) L2-normalised points.
+
+    Returns:
+        (S,) int64 indices into ``candidates`` of the seeds, densest first.
+    """
+    # In-place comparisons keep the float dtype (1.0 / 0.0), which the matrix products need;
+    # recomputing the product in the new order is cheaper than permuting rows and columns.
+    density = (candidates @ candidates.t()).gt_(similarity_threshold).sum(dim=1)
+    order = torch.argsort(density, descending=True, stable=True)
+    ordered = candidates[order]
+    denser = (ordered @ ordered.t()).gt_(similarity_threshold).tril_(diagonal=-1)
+    seeds, _ = _greedy_suppression(denser, sweeps)
+    return order[seeds]
+
+
+def _refine_centres(
+    points: torch.Tensor, centres: torch.Tensor, similarity_threshold: float
+) -> torch.Tensor:
+    """
+    One mean-shift step of all centres at once: every point joins its most similar centre if
+    the similarity exceeds the threshold, and each centre becomes the renormalised mean of its
+    points (a centre without points stays where it is).
+    """
+    num_centres = centres.shape[0]
+    best, nearest = (points @ centres.t()).max(dim=1)
+    slot = torch.where(best > similarity_threshold, nearest, num_centres)  # last: no centre
+    sums = points.new_zeros(num_centres + 1, points.shape[1]).index_add_(0, slot, points)[:-1]
+    norms = sums.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, sums / norms.clamp(min=1e-12), centres)
+
+
 def cluster_embeddings(
     embeddings: torch.Tensor,
     *,
     similarity_threshold: float = 0.7,
     min_cluster_size: int = 8,
     max_clusters: int = 100,
-    num_seed_candidates: int = 1024,
+    num_seed_candidates: int = 512,
     refine_iters: int = 2,
+    max_rounds: int = 4,
+    nms_iters: int = 4,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    Greedy seeded clustering of L2-normalised embeddings by cosine similarity.
+    Seeded clustering of L2-normalised embeddings by cosine similarity, many seeds at once.
 
-    Repeatedly: among a subsample of at most ``num_seed_candidates`` unassigned points (evenly
-    spaced in input order, rebuilt from the unassigned points when exhausted), pick as seed the
-    one with the most unassigned subsample neighbours (cosine similarity > threshold); refine
-    the centre ``refine_iters`` times as the renormalised mean of the unassigned points within
-    the threshold; assign those points to the cluster. A cluster smaller than
-    ``min_cluster_size`` is discarded (its points stay unclustered and are not reconsidered).
-    Stops after ``max_clusters`` kept clusters, when fewer than ``min_cluster_size`` points are
-    unassigned, or after ``2 * max_clusters`` seeds. Seeds come in order of decreasing density,
-    so large, coherent clusters come first. Per seed the cost is O(N * D) plus a matrix-vector
-    product with the (num_seed_candidates)^2 candidate similarity matrix.
+    At most ``max_rounds`` rounds over the points not yet consumed ("free"), each:
+
+    1. Seeds: among a subsample of at most ``num_seed_candidates`` free points (evenly spaced
+       in input order), greedy non-maximum suppression by density (the number of candidates
+       with cosine similarity > threshold): in order of decreasing density, a candidate is a
+       seed unless a seed is within the threshold (:func:`_density_seeds`, ``nms_iters``
+       parallel sweeps; candidates left undecided wait for the next round).
+    2. Centres: all centres are refined together ``refine_iters`` times (every free point joins
+       its most similar centre if the similarity exceeds the threshold; each centre becomes
+       the renormalised mean of its points, see :func:`_refine_centres`). After the first
+       refinement, a centre within the threshold of a denser one is dropped: seeds of one
+       spread-out cluster converge to the same centre.
+    3. Assignment: every free point joins its most similar centre if the similarity exceeds the
+       threshold. These points and the seeds are consumed. A cluster of fewer than
+       ``min_cluster_size`` points is discarded (its points stay unclustered and are not
+       reconsidered); free points near no centre wait for the next round.
+
+    Rounds stop when fewer than ``min_cluster_size`` points are free. Clusters are numbered by
+    decreasing size (ties: in the order found) and only the ``max_clusters`` largest are kept.
+    Per round the cost is O(N * D * S) for S seeds plus O(C^2 * (D + nms_iters)) for the C
+    candidates, in a fixed number of vectorised ops; the host waits for the device three times
+    per round and once at the end (the greedy one-seed-at-a-time loop this replaces waited
+    several times per seed).
 
     Args:
         embeddings: (N, D) L2-normalised embeddings (float).
         similarity_threshold: cosine similarity above which a point joins a centre, in (-1, 1).
         min_cluster_size: clusters with fewer points are discarded.
-        max_clusters: most clusters returned.
-        num_seed_candidates: size of the subsample used to rank seeds by density.
-        refine_iters: mean-shift refinements of each centre.
+        max_clusters: most clusters returned (the largest).
+        num_seed_candidates: size of the subsample in which seeds are chosen by density.
+        refine_iters: mean-shift refinements of the centres.
+        max_rounds: most seeding rounds.
+        nms_iters: parallel sweeps of the seeds' non-maximum suppression per round.
 
     Returns:
         labels: (N,) int64 cluster index in [0, M), or -1 for unclustered points.
@@ -59,77 +144,105 @@ def cluster_embeddings(
         raise ValueError(f"similarity_threshold must be in (-1, 1), got {similarity_threshold}.")
     device = embeddings.device
     num_points = embeddings.shape[0]
-    labels = torch.full((num_points,), -1, dtype=torch.long, device=device)
-    unassigned = torch.ones(num_points, dtype=torch.bool, device=device)
-    num_unassigned = num_points
-    confidences = []
-    candidates = candidate_adjacency = None
     min_size = max(min_cluster_size, 1)
-    for _ in range(2 * max_clusters):
-        if len(confidences) >= max_clusters or num_unassigned < min_size:
+    free = torch.ones(num_points, dtype=torch.bool, device=device)
+    free_idx = torch.arange(num_points, device=device)
+    # Provisional clusters of all rounds: label of each point (-1: none), size and similarity sum.
+    provisional = torch.full((num_points,), -1, dtype=torch.long, device=device)
+    sizes, similarity_sums = [], []
+    num_provisional = 0
+    for round_index in range(max(max_rounds, 1)):
+        if round_index > 0:
+            free_idx = torch.nonzero(free).squeeze(1)
+        if free_idx.numel() < min_size:
             break
-        candidate_free = None if candidates is None else unassigned[candidates]
-        if candidate_free is None or not bool(candidate_free.any()):
-            candidates = _evenly_spaced(torch.nonzero(unassigned).squeeze(1), num_seed_candidates)
-            candidate_embeddings = embeddings[candidates]
-            candidate_adjacency = (
-                candidate_embeddings @ candidate_embeddings.t() > similarity_threshold
-            ).float()
-            candidate_free = torch.ones(candidates.numel(), dtype=torch.bool, device=device)
-        density = candidate_adjacency @ candidate_free.float()
-        density = density.masked_fill(~candidate_free, -1.0)
-        seed = candidates[density.argmax()]
-        centre = embeddings[seed]
-        similarity = embeddings @ centre
-        members = unassigned & (similarity > similarity_threshold)
-        for _ in range(refine_iters):
-            # Normalised sum = normalised mean; a matrix-vector product avoids a masked copy.
-            refined = F.normalize(members.to(embeddings.dtype) @ embeddings, dim=0)
-            refined_similarity = embeddings @ refined
-            refined_members = unassigned & (refined_similarity > similarity_threshold)
-            if not bool(refined_members.any()):
-                break  # the mean drifted away from every point: keep the previous centre
-            centre, similarity, members = refined, refined_similarity, refined_members
-        members[seed] = True  # guarantees progress even for an isolated seed
-        size = int(members.sum())
-        unassigned &= ~members
-        num_unassigned -= size
-        if size < min_size:
-            continue
-        labels = torch.where(members, len(confidences), labels)
-        confidences.append((similarity * members).sum() / size)
-    if confidences:
-        confidence = torch.stack(confidences)
-    else:
-        confidence = embeddings.new_zeros(0)
+        points = embeddings.index_select(0, free_idx)
+        candidates = _evenly_spaced(
+            torch.arange(free_idx.numel(), device=device), num_seed_candidates
+        )
+        seeds = candidates[_density_seeds(points[candidates], similarity_threshold, nms_iters)]
+        centres = points[seeds]
+        for step in range(refine_iters):
+            centres = _refine_centres(points, centres, similarity_threshold)
+            if step == 0:
+                # Seeds of one spread-out cluster: their centres converge. A centre close to a
+                # denser one is dropped; its points go to the denser one or wait for the next
+                # round.
+                close = (centres @ centres.t()).gt_(similarity_threshold).tril_(diagonal=-1)
+                centres = centres[close.sum(dim=1) == 0]
+        best, nearest = (points @ centres.t()).max(dim=1)
+        inside = best > similarity_threshold
+        num_centres = centres.shape[0]
+        slot = torch.where(inside, nearest, num_centres)  # slot num_centres: no cluster
+        sizes.append(torch.bincount(slot, minlength=num_centres + 1)[:num_centres])
+        similarity_sums.append(best.new_zeros(num_centres + 1).index_add_(0, slot, best)[:-1])
+        provisional.index_copy_(0, free_idx, torch.where(inside, nearest + num_provisional, -1))
+        num_provisional += num_centres
+        consumed = inside.index_fill(0, seeds, True)  # a seed is consumed even if it drifted
+        free.index_copy_(0, free_idx, ~consumed)
+    if num_provisional == 0:
+        return provisional, embeddings.new_zeros(0)
+    size = torch.cat(sizes)
+    similarity_sum = torch.cat(similarity_sums)
+    # Largest first (stable: ties in the order found), discarded ones last.
+    order = torch.argsort(torch.where(size >= min_size, size, -1), descending=True, stable=True)
+    num_kept = min(int((size >= min_size).sum()), max_clusters)
+    order = order[:num_kept]
+    new_label = torch.full((num_provisional + 1,), -1, dtype=torch.long, device=device)
+    new_label[order + 1] = torch.arange(num_kept, device=device)
+    labels = new_label[provisional + 1]
+    confidence = similarity_sum[order] / size[order].clamp(min=1)
     return labels, confidence
 
 
-def _neighbourhood_max(labels: torch.Tensor, connectivity: int) -> torch.Tensor:
-    """Max of each pixel's label and its neighbours'. labels: (C, h, w), int or float."""
+def _grid_edges(h: int, w: int, connectivity: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (u, v), u < v, of every pair of neighbouring pixels of an h x w grid."""
+    index = torch.arange(h * w, device=device).view(h, w)
+    pairs = [(index[:, :-1], index[:, 1:]), (index[:-1, :], index[1:, :])]
     if connectivity == 8:
-        return F.max_pool2d(labels[:, None], kernel_size=3, stride=1, padding=1)[:, 0]
-    padded = F.pad(labels, (1, 1, 1, 1))
-    h, w = labels.shape[-2:]
-    return torch.stack(
-        [
-            labels,
-            padded[:, :-2, 1 : w + 1],
-            padded[:, 2:, 1 : w + 1],
-            padded[:, 1 : h + 1, :-2],
-            padded[:, 1 : h + 1, 2:],
-        ]
-    ).amax(dim=0)
+        pairs += [(index[:-1, :-1], index[1:, 1:]), (index[:-1, 1:], index[1:, :-1])]
+    u = torch.cat([a.flatten() for a, _ in pairs])
+    v = torch.cat([b.flatten() for _, b in pairs])
+    return u, v
+
+
+def _component_maxima(num_nodes: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """
+    For every node of the graph with edges (u, v), the largest node of its component.
+
+    Hooking and pointer jumping (Shiloach-Vishkin style): ``parent[x]`` is always a node of
+    x's component with ``parent[x] >= x``. Each round, for every edge whose endpoints have
+    different parents, the smaller parent is pointed at the larger one (one scatter-max), then
+    every node jumps twice to its parent's parent. Every round strictly raises a parent of each
+    unfinished edge, and once all edges agree every component points at its largest node.
+    Long paths take O(log n) rounds rather than O(n); one host sync per round.
+    """
+    parent = torch.arange(num_nodes, device=u.device)
+    for _ in range(num_nodes + 1):
+        # index_select: much faster than advanced indexing for 1-d gathers on CPU.
+        pu, pv = parent.index_select(0, u), parent.index_select(0, v)
+        if not bool((pu != pv).any()):
+            break
+        parent.scatter_reduce_(0, torch.minimum(pu, pv), torch.maximum(pu, pv), "amax")
+        parent = parent.index_select(0, parent)
+        parent = parent.index_select(0, parent)
+    return parent
+
+
+def _number_components(parent: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """Labels 1..n of the components (ordered by their largest node), 0 for background."""
+    roots = foreground & (parent == torch.arange(parent.numel(), device=parent.device))
+    rank = torch.cumsum(roots, dim=0)
+    return torch.where(foreground, rank.index_select(0, parent), 0)
 
 
 def connected_components(masks: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
     """
     Connected components of each channel of a stack of binary masks.
 
-    Label propagation: every foreground pixel starts with a unique id, then repeatedly takes
-    the largest id among its same-channel foreground neighbours (max pooling) and jumps to the
-    id of the pixel its id points to (pointer jumping, which shortens long chains), until no
-    label changes. At most h * w rounds; a 128 x 128 map converges in a few dozen.
+    Graph connected components over the foreground pixels, each joined to its same-channel
+    foreground neighbours, by hooking and pointer jumping (:func:`_component_maxima`):
+    O(log(h * w)) rounds of a few vectorised ops over the edges, even for long winding shapes.
 
     Args:
         masks: (C, h, w) bool; components never cross channels.
@@ -144,23 +257,49 @@ def connected_components(masks: torch.Tensor, connectivity: int = 8) -> torch.Te
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}.")
     num_channels, h, w = masks.shape
-    masks = masks.bool()
-    if not bool(masks.any()):
-        return torch.zeros(masks.shape, dtype=torch.long, device=masks.device)
-    # float64 holds every id up to 2**53 exactly and max_pool2d supports it on both devices.
-    ids = torch.arange(1, num_channels * h * w + 1, device=masks.device, dtype=torch.float64)
-    labels = ids.view(num_channels, h, w) * masks
-    for _ in range(h * w):
-        new = _neighbourhood_max(labels, connectivity) * masks
-        # A label is the 1-based flat index of a pixel of the same component whose own label
-        # is at least as large, so adopting that pixel's label stays within the component.
-        flat = new.flatten()
-        pointed = flat[(flat.long() - 1).clamp(min=0)]
-        new = torch.where(masks, pointed.view_as(new).maximum(new), new)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    values, compact = torch.unique(labels.long(), return_inverse=True)
-    if int(values[0]) > 0:
-        compact = compact + 1  # no background pixel: components still start at 1
-    return compact.view(num_channels, h, w)
+    flat = masks.bool().flatten(1)
+    u, v = _grid_edges(h, w, connectivity, masks.device)
+    channel, edge = torch.nonzero(
+        flat.index_select(1, u) & flat.index_select(1, v), as_tuple=True
+    )
+    offset = channel * (h * w)
+    parent = _component_maxima(
+        flat.numel(), offset + u.index_select(0, edge), offset + v.index_select(0, edge)
+    )
+    return _number_components(parent, flat.flatten()).view(num_channels, h, w)
+
+
+def label_map_components(
+    label_map: torch.Tensor, foreground: torch.Tensor, connectivity: int = 8
+) -> torch.Tensor:
+    """
+    Connected components of the regions of equal value of a label map.
+
+    Foreground pixels join their foreground neighbours of the same value, so that every value
+    gets its own components in one pass over the map: the same result as
+    :func:`connected_components` of the stack of per-value masks, without the stack.
+
+    Args:
+        label_map: (h, w) integer map (e.g. the semantic argmax).
+        foreground: (h, w) bool, the pixels to label.
+        connectivity: 8 (diagonal neighbours connect) or 4.
+
+    Returns:
+        (h, w) int64 labels: 0 for background, components numbered 1..n by their largest
+        raster index.
+    """
+    if label_map.dim() != 2 or foreground.shape != label_map.shape:
+        raise ValueError(
+            f"label_map must be (h, w) and foreground the same shape, got "
+            f"{tuple(label_map.shape)} and {tuple(foreground.shape)}."
+        )
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}.")
+    h, w = label_map.shape
+    values = label_map.flatten()
+    inside = foreground.bool().flatten()
+    u, v = _grid_edges(h, w, connectivity, label_map.device)
+    same = values.index_select(0, u) == values.index_select(0, v)
+    edge = torch.nonzero(same & inside.index_select(0, u) & inside.index_select(0, v)).squeeze(1)
+    parent = _component_maxima(h * w, u.index_select(0, edge), v.index_select(0, edge))
+    return _number_components(parent, inside).view(h, w)
