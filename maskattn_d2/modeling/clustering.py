@@ -9,14 +9,6 @@ import torch
 __all__ = ["cluster_embeddings", "connected_components", "label_map_components"]
 
 
-def _evenly_spaced(indices: torch.Tensor, max_count: int) -> torch.Tensor:
-    """At most ``max_count`` evenly spaced entries of ``indices`` (all of them if fewer)."""
-    if indices.numel() <= max_count:
-        return indices
-    positions = torch.linspace(0, indices.numel() - 1, max_count, device=indices.device)
-    return indices[positions.long()]
-
-
 def _greedy_suppression(denser: torch.Tensor, sweeps: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Greedy non-maximum suppression in parallel sweeps.
@@ -66,7 +58,7 @@ def _density_seeds(candidates: torch.Tensor, similarity_threshold: float, sweeps
     order = torch.argsort(density, descending=True, stable=True)
     ordered = candidates[order]
     denser = (ordered @ ordered.t()).gt_(similarity_threshold).tril_(diagonal=-1)
-    seeds, _ = _greedy_suppression(denser, sweeps)
+    seeds, _ = _greedy_suppression(denser, max(sweeps, 1))  # the densest is always a seed
     return order[seeds]
 
 
@@ -117,12 +109,13 @@ def cluster_embeddings(
        ``min_cluster_size`` points is discarded (its points stay unclustered and are not
        reconsidered); free points near no centre wait for the next round.
 
-    Rounds stop when fewer than ``min_cluster_size`` points are free. Clusters are numbered by
-    decreasing size (ties: in the order found) and only the ``max_clusters`` largest are kept.
-    Per round the cost is O(N * D * S) for S seeds plus O(C^2 * (D + nms_iters)) for the C
-    candidates, in a fixed number of vectorised ops; the host waits for the device three times
-    per round and once at the end (the greedy one-seed-at-a-time loop this replaces waited
-    several times per seed).
+    Rounds stop when fewer than ``min_cluster_size`` points are free, or after a round whose
+    clusters were all too small (its seeds were the densest candidates left). Clusters are
+    numbered by decreasing size (ties: in the order found) and only the ``max_clusters``
+    largest are kept. Per round the cost is O(N * D * S) for S seeds plus
+    O(C^2 * (D + nms_iters)) for the C candidates, in a fixed number of vectorised ops; the
+    host waits for the device four times per round and once at the end (the greedy
+    one-seed-at-a-time loop this replaces waited several times per seed).
 
     Args:
         embeddings: (N, D) L2-normalised embeddings (float).
@@ -142,26 +135,34 @@ def cluster_embeddings(
         raise ValueError(f"embeddings must have shape (N, D), got {tuple(embeddings.shape)}.")
     if not -1.0 < similarity_threshold < 1.0:
         raise ValueError(f"similarity_threshold must be in (-1, 1), got {similarity_threshold}.")
+    embeddings = embeddings.contiguous()
     device = embeddings.device
     num_points = embeddings.shape[0]
     min_size = max(min_cluster_size, 1)
     free = torch.ones(num_points, dtype=torch.bool, device=device)
-    free_idx = torch.arange(num_points, device=device)
     # Provisional clusters of all rounds: label of each point (-1: none), size and similarity sum.
     provisional = torch.full((num_points,), -1, dtype=torch.long, device=device)
     sizes, similarity_sums = [], []
     num_provisional = 0
     for round_index in range(max(max_rounds, 1)):
-        if round_index > 0:
+        if round_index == 0:  # every point is free
+            free_idx, points = None, embeddings
+        else:
             free_idx = torch.nonzero(free).squeeze(1)
-        if free_idx.numel() < min_size:
+            points = embeddings.index_select(0, free_idx)
+        num_free = points.shape[0]
+        if num_free < min_size:
             break
-        points = embeddings.index_select(0, free_idx)
-        candidates = _evenly_spaced(
-            torch.arange(free_idx.numel(), device=device), num_seed_candidates
-        )
-        seeds = candidates[_density_seeds(points[candidates], similarity_threshold, nms_iters)]
-        centres = points[seeds]
+        if num_free > num_seed_candidates:  # evenly spaced subsample
+            candidates = torch.linspace(
+                0, num_free - 1, num_seed_candidates, device=device
+            ).long()
+            seeds = candidates[
+                _density_seeds(points.index_select(0, candidates), similarity_threshold, nms_iters)
+            ]
+        else:
+            seeds = _density_seeds(points, similarity_threshold, nms_iters)
+        centres = points.index_select(0, seeds)
         for step in range(refine_iters):
             centres = _refine_centres(points, centres, similarity_threshold)
             if step == 0:
@@ -174,12 +175,21 @@ def cluster_embeddings(
         inside = best > similarity_threshold
         num_centres = centres.shape[0]
         slot = torch.where(inside, nearest, num_centres)  # slot num_centres: no cluster
-        sizes.append(torch.bincount(slot, minlength=num_centres + 1)[:num_centres])
+        size = torch.bincount(slot, minlength=num_centres + 1)[:num_centres]
+        sizes.append(size)
         similarity_sums.append(best.new_zeros(num_centres + 1).index_add_(0, slot, best)[:-1])
-        provisional.index_copy_(0, free_idx, torch.where(inside, nearest + num_provisional, -1))
+        labels = torch.where(inside, nearest + num_provisional, -1)
         num_provisional += num_centres
         consumed = inside.index_fill(0, seeds, True)  # a seed is consumed even if it drifted
-        free.index_copy_(0, free_idx, ~consumed)
+        if free_idx is None:
+            provisional, free = labels, ~consumed
+        else:
+            provisional.index_copy_(0, free_idx, labels)
+            free.index_copy_(0, free_idx, ~consumed)
+        # Its seeds were the densest free candidates: when none of them made a large enough
+        # cluster, the free points left are too sparse for another round.
+        if not bool((size >= min_size).any()):
+            break
     if num_provisional == 0:
         return provisional, embeddings.new_zeros(0)
     size = torch.cat(sizes)
