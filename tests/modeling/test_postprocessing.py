@@ -5,9 +5,16 @@ import torch.nn.functional as F
 from detectron2.structures import BitMasks, Boxes, Instances
 from scipy import ndimage
 
-from maskattn_d2.modeling.clustering import cluster_embeddings, connected_components
+from maskattn_d2.modeling.clustering import (
+    _greedy_suppression,
+    cluster_embeddings,
+    connected_components,
+    label_map_components,
+)
 from maskattn_d2.modeling.postprocessing import (
     MaskAttnPostProcessor,
+    _argmax_channels,
+    _label_map_boxes,
     connected_component_instances,
     embedding_instances,
     masks_to_boxes,
@@ -368,3 +375,173 @@ def test_resize_label_map_and_boxes():
     boxes = masks_to_boxes(masks)
     assert torch.equal(boxes, BitMasks(masks).get_bounding_boxes().tensor)
     assert boxes[2].tolist() == [0, 0, 0, 0]
+
+
+# --------------------------------------------------------------------------- vectorised pieces
+def _sequential_merge(sem, masks, classes, scores, is_thing, min_instance_area, stuff_area,
+                      label_divisor):
+    """Reference: the merge painting one instance at a time (the original implementation)."""
+    num_classes = is_thing.shape[0]
+    panoptic = torch.zeros(sem.shape, dtype=torch.int32)
+    taken = torch.zeros(sem.shape, dtype=torch.bool)
+    segments_info, instances_per_class = [], {}
+    for mask, category, score in zip(masks, classes.tolist(), scores.tolist()):
+        visible = mask & ~taken
+        area = int(visible.sum())
+        if area < max(min_instance_area, 1):
+            continue
+        index = instances_per_class.get(category, 0) + 1
+        instances_per_class[category] = index
+        panoptic[visible] = category * label_divisor + index
+        taken |= visible
+        segments_info.append({"id": category * label_divisor + index, "isthing": True,
+                              "category_id": category, "area": area, "score": float(score)})
+    stuff_pixels = ~taken & ~is_thing[sem]
+    stuff_areas = torch.bincount(sem[stuff_pixels], minlength=num_classes)
+    kept_stuff = (stuff_areas >= max(stuff_area, 1)) & ~is_thing
+    stuff_ids = (torch.arange(num_classes) * label_divisor + 1).int()
+    panoptic = torch.where(stuff_pixels & kept_stuff[sem], stuff_ids[sem], panoptic)
+    for category in torch.nonzero(kept_stuff).squeeze(1).tolist():
+        segments_info.append({"id": category * label_divisor + 1, "isthing": False,
+                              "category_id": category, "area": int(stuff_areas[category])})
+    return panoptic, segments_info
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_vectorised_merge_equals_sequential_painting(seed):
+    # Random overlapping rectangles: earlier masks hide later ones, dropped masks free pixels
+    # for later ones (so a mask's fate depends on the drops before it), some masks are empty.
+    g = torch.Generator().manual_seed(seed)
+    h, w, num_classes = 24, 20, 6
+    is_thing = torch.tensor([False, True, True, False, True, False])
+    sem = torch.randint(0, num_classes, (h, w), generator=g)
+    num_masks = int(torch.randint(0, 14, (1,), generator=g))
+    masks = torch.zeros(num_masks, h, w, dtype=torch.bool)
+    for mask in masks:
+        r0, c0 = (int(v) for v in torch.randint(0, 16, (2,), generator=g))
+        r1, c1 = r0 + int(torch.randint(0, 9, (1,), generator=g)), c0 + int(
+            torch.randint(0, 9, (1,), generator=g)
+        )
+        mask[r0:r1, c0:c1] = True
+    classes = torch.tensor([1, 2, 4])[torch.randint(0, 3, (num_masks,), generator=g)]
+    scores = torch.rand(num_masks, generator=g)
+    for min_area, stuff_area in [(1, 1), (6, 10), (20, 40), (0, 0)]:
+        expected = _sequential_merge(sem, masks, classes, scores, is_thing, min_area, stuff_area,
+                                     1000)
+        panoptic, segments_info = merge_semantic_and_instances(
+            sem, masks, classes, scores, is_thing, min_instance_area=min_area,
+            stuff_area=stuff_area, label_divisor=1000,
+        )
+        assert panoptic.dtype == torch.int32
+        assert torch.equal(panoptic, expected[0])
+        assert segments_info == expected[1]
+
+
+def test_vectorised_merge_drop_cascade():
+    # Each mask hides most of the next, so dropping one re-enables the next: the vectorised
+    # painting must resolve the chain in order (kept, dropped, kept, dropped, ...).
+    sem = torch.ones(1, 12, dtype=torch.long)
+    is_thing = torch.tensor([False, True])
+    masks = torch.zeros(5, 1, 12, dtype=torch.bool)
+    masks[0, 0, 0:3] = True  # 3 px: kept
+    masks[1, 0, 0:5] = True  # 2 visible: dropped
+    masks[2, 0, 3:7] = True  # 4 visible (mask 1 dropped): kept
+    masks[3, 0, 0:8] = True  # 1 visible: dropped
+    masks[4, 0, 7:11] = True  # 4 visible: kept
+    classes, scores = torch.ones(5, dtype=torch.long), torch.linspace(0.9, 0.5, 5)
+    panoptic, segments_info = merge_semantic_and_instances(
+        sem, masks, classes, scores, is_thing, min_instance_area=3, stuff_area=1
+    )
+    assert [s["area"] for s in segments_info] == [3, 4, 4]
+    assert panoptic[0].tolist() == [1001] * 3 + [1002] * 4 + [1003] * 4 + [0]
+    expected = _sequential_merge(sem, masks, classes, scores, is_thing, 3, 1, 1000)
+    assert torch.equal(panoptic, expected[0]) and segments_info == expected[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_classes", [1, 6, 133, 300])
+def test_argmax_channels_equals_argmax_with_ties(device, num_classes):
+    g = torch.Generator().manual_seed(num_classes)
+    scores = torch.randint(0, 4, (num_classes, 17, 23), generator=g).float()  # many ties
+    scores[:, 0, 0] = 1.0  # all channels tie: the first wins
+    scores = scores.to(device)
+    assert torch.equal(_argmax_channels(scores), scores.argmax(dim=0))
+    probs = torch.randn(num_classes, 9, 11, generator=g).softmax(0).to(device)
+    assert torch.equal(_argmax_channels(probs), probs.argmax(dim=0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_label_map_components_match_scipy_per_value(device, connectivity):
+    rng = np.random.RandomState(1)
+    label_map = rng.randint(0, 4, (40, 50))
+    foreground = rng.rand(40, 50) < 0.8
+    labels = label_map_components(
+        torch.from_numpy(label_map).to(device), torch.from_numpy(foreground).to(device),
+        connectivity,
+    ).cpu().numpy()
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    reference = np.zeros_like(labels)
+    offset = 0
+    for value in range(4):
+        components, n = ndimage.label(foreground & (label_map == value), structure=structure)
+        reference[components > 0] = components[components > 0] + offset
+        offset += n
+    assert _same_partition(labels, reference)
+    # Numbered 1..n by each component's largest raster index.
+    assert sorted(np.unique(labels[labels > 0])) == list(range(1, offset + 1))
+    flat = labels.flatten()
+    last = [np.flatnonzero(flat == k).max() for k in range(1, offset + 1)]
+    assert last == sorted(last)
+    # The same components as the per-value stack of masks.
+    stack = torch.from_numpy(np.stack([foreground & (label_map == v) for v in range(4)]))
+    assert _same_partition(labels, connected_components(stack, connectivity).sum(0).numpy())
+
+
+def test_label_map_boxes_match_masks_to_boxes():
+    g = torch.Generator().manual_seed(0)
+    label_map = torch.randint(-1, 7, (13, 29), generator=g)
+    label_map[label_map == 5] = -1  # label 5 is empty
+    labels = torch.tensor([3, 0, 5, 6])
+    masks = label_map[None] == labels[:, None, None]
+    assert torch.equal(_label_map_boxes(label_map, labels, 7), masks_to_boxes(masks))
+
+
+def test_greedy_suppression_equals_sequential_greedy():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        k = int(torch.randint(1, 40, (1,), generator=g))
+        adjacency = torch.rand(k, k, generator=g) < 0.15
+        adjacency = adjacency | adjacency.t()
+        selected, undecided = _greedy_suppression(adjacency.float().tril(diagonal=-1), k)
+        expected = []
+        for i in range(k):
+            if not any(adjacency[i, j] for j in expected):
+                expected.append(i)
+        assert torch.nonzero(selected).squeeze(1).tolist() == expected
+        assert not undecided.any()
+
+
+def test_cluster_embeddings_many_clusters_and_spread_cluster():
+    g = torch.Generator().manual_seed(1)
+    # 40 tight, well separated clusters in 64-d (found together, in few rounds), plus one
+    # spread-out cluster: points on an arc whose ends are far apart (cosine < threshold) but
+    # all close to its middle, which must stay one cluster (seeds of one cluster merge).
+    centres = torch.eye(64)[:40]
+    truth = torch.arange(40).repeat_interleave(25)
+    points = F.normalize(centres[truth] + 0.02 * torch.randn(1000, 64, generator=g), dim=1)
+    angles = torch.linspace(-0.6, 0.6, 300)
+    arc = torch.zeros(300, 64)
+    arc[:, 62], arc[:, 63] = torch.cos(angles), torch.sin(angles)
+    assert float(arc[0] @ arc[-1]) < 0.7 < float((arc @ F.normalize(arc.mean(0), dim=0)).min())
+    points = torch.cat([points, arc])
+    truth = torch.cat([truth, torch.full((300,), 40)])
+    perm = torch.randperm(truth.numel(), generator=g)
+    labels, confidence = cluster_embeddings(
+        points[perm], similarity_threshold=0.7, min_cluster_size=8, num_seed_candidates=256
+    )
+    truth = truth[perm]
+    assert confidence.numel() == 41 and torch.all(labels >= 0)
+    assert labels[truth == 40].unique().tolist() == [0]  # the largest cluster comes first
+    for k in range(41):
+        assert labels[truth == k].unique().numel() == 1
