@@ -84,7 +84,7 @@ def cluster_embeddings(
     similarity_threshold: float = 0.7,
     min_cluster_size: int = 8,
     max_clusters: int = 100,
-    num_seed_candidates: int = 512,
+    num_seed_candidates: int = 384,
     refine_iters: int = 2,
     max_rounds: int = 4,
     nms_iters: int = 4,
@@ -99,11 +99,11 @@ def cluster_embeddings(
        with cosine similarity > threshold): in order of decreasing density, a candidate is a
        seed unless a seed is within the threshold (:func:`_density_seeds`, ``nms_iters``
        parallel sweeps; candidates left undecided wait for the next round).
-    2. Centres: all centres are refined together ``refine_iters`` times (every free point joins
-       its most similar centre if the similarity exceeds the threshold; each centre becomes
-       the renormalised mean of its points, see :func:`_refine_centres`). After the first
-       refinement, a centre within the threshold of a denser one is dropped: seeds of one
-       spread-out cluster converge to the same centre.
+    2. Centres: all centres are refined together ``refine_iters`` times on the candidates
+       (every candidate joins its most similar centre if the similarity exceeds the threshold;
+       each centre becomes the renormalised mean of its candidates, see
+       :func:`_refine_centres`). After the first refinement, a centre within the threshold of
+       a denser one is dropped: seeds of one spread-out cluster converge to the same centre.
     3. Assignment: every free point joins its most similar centre if the similarity exceeds the
        threshold. These points and the seeds are consumed. A cluster of fewer than
        ``min_cluster_size`` points is discarded (its points stay unclustered and are not
@@ -113,9 +113,9 @@ def cluster_embeddings(
     clusters were all too small (its seeds were the densest candidates left). Clusters are
     numbered by decreasing size (ties: in the order found) and only the ``max_clusters``
     largest are kept. Per round the cost is O(N * D * S) for S seeds plus
-    O(C^2 * (D + nms_iters)) for the C candidates, in a fixed number of vectorised ops; the
-    host waits for the device four times per round and once at the end (the greedy
-    one-seed-at-a-time loop this replaces waited several times per seed).
+    O(C^2 * (D + nms_iters) + C * D * S * refine_iters) for the C candidates, in a fixed
+    number of vectorised ops; the host waits for the device four times per round and once at
+    the end (the greedy one-seed-at-a-time loop this replaces waited several times per seed).
 
     Args:
         embeddings: (N, D) L2-normalised embeddings (float).
@@ -157,14 +157,17 @@ def cluster_embeddings(
             candidates = torch.linspace(
                 0, num_free - 1, num_seed_candidates, device=device
             ).long()
-            seeds = candidates[
-                _density_seeds(points.index_select(0, candidates), similarity_threshold, nms_iters)
-            ]
+            candidate_points = points.index_select(0, candidates)
         else:
-            seeds = _density_seeds(points, similarity_threshold, nms_iters)
-        centres = points.index_select(0, seeds)
+            candidates, candidate_points = None, points
+        seeds = _density_seeds(candidate_points, similarity_threshold, nms_iters)
+        centres = candidate_points.index_select(0, seeds)
+        if candidates is not None:
+            seeds = candidates.index_select(0, seeds)
         for step in range(refine_iters):
-            centres = _refine_centres(points, centres, similarity_threshold)
+            # The candidates are a fair sample of the free points: refining on them is as
+            # good and costs O(C * S) instead of O(N * S).
+            centres = _refine_centres(candidate_points, centres, similarity_threshold)
             if step == 0:
                 # Seeds of one spread-out cluster: their centres converge. A centre close to a
                 # denser one is dropped; its points go to the denser one or wait for the next

@@ -545,3 +545,20 @@ def test_cluster_embeddings_many_clusters_and_spread_cluster():
     assert labels[truth == 40].unique().tolist() == [0]  # the largest cluster comes first
     for k in range(41):
         assert labels[truth == k].unique().numel() == 1
+
+
+def test_cluster_embeddings_finds_small_clusters_beside_a_huge_one():
+    # 80 small clusters (10-30 points) next to one of 8000: the seed subsample of the first
+    # round misses many of them; later rounds, over the points left free, must find them all.
+    g = torch.Generator().manual_seed(0)
+    sizes = [8000] + [10] * 50 + [30] * 30
+    centres = F.normalize(torch.randn(len(sizes), 64, generator=g), dim=1)
+    truth = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    points = F.normalize(centres[truth] + 0.03 * torch.randn(truth.numel(), 64, generator=g), dim=1)
+    perm = torch.randperm(truth.numel(), generator=g)
+    labels, confidence = cluster_embeddings(
+        points[perm], similarity_threshold=0.9, min_cluster_size=8, max_clusters=100
+    )
+    truth = truth[perm]
+    assert confidence.numel() == len(sizes) and torch.all(labels >= 0)
+    assert all(labels[truth == k].unique().numel() == 1 for k in range(len(sizes)))
