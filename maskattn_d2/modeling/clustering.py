@@ -181,13 +181,13 @@ def cluster_embeddings(
         size = torch.bincount(slot, minlength=num_centres + 1)[:num_centres]
         sizes.append(size)
         similarity_sums.append(best.new_zeros(num_centres + 1).index_add_(0, slot, best)[:-1])
-        labels = torch.where(inside, nearest + num_provisional, -1)
+        round_labels = torch.where(inside, nearest + num_provisional, -1)
         num_provisional += num_centres
         consumed = inside.index_fill(0, seeds, True)  # a seed is consumed even if it drifted
         if free_idx is None:
-            provisional, free = labels, ~consumed
+            provisional, free = round_labels, ~consumed
         else:
-            provisional.index_copy_(0, free_idx, labels)
+            provisional.index_copy_(0, free_idx, round_labels)
             free.index_copy_(0, free_idx, ~consumed)
         # Its seeds were the densest free candidates: when none of them made a large enough
         # cluster, the free points left are too sparse for another round.
