@@ -15,6 +15,7 @@ from PIL import Image
 
 from maskattn_d2.data.datasets import panoptic_metadata, register_panoptic_dataset
 from maskattn_d2.data.datasets.panoptic_conversion import convert_panoptic_annotations
+from maskattn_d2.data.target_generator import panoptic_to_semantic
 
 CATEGORIES = [
     {"id": 1, "name": "disc", "isthing": 1},
@@ -25,6 +26,8 @@ CATEGORIES = [
 DISC, BOX, SKY, GRASS = 1, 2, 3, 4  # dataset category ids
 CONTIGUOUS = {DISC: 0, BOX: 1, SKY: 2, GRASS: 3}
 NUM_CLASSES = 4
+# Pixel colour of each dataset category (0: void), so that a model can learn the classes.
+COLOURS = np.array([[0, 0, 0], [200, 40, 40], [40, 40, 200], [120, 180, 240], [60, 160, 60]])
 
 
 def scene_with_things(size: int = 32):
@@ -70,11 +73,8 @@ def write_panoptic_dataset(
     for image_id, scene in enumerate(scenes, start=1):
         ids, segments = SCENES[scene](size)
         stem = f"{image_id:03d}_{scene}"
-        # Pixel colours follow the classes (plus noise) so a model can learn them.
-        colour = np.array([[0, 0, 0], [200, 40, 40], [40, 40, 200], [120, 180, 240], [60, 160, 60]])
-        category_of = {s["id"]: s["category_id"] for s in segments}
-        categories = np.vectorize(lambda i: category_of.get(int(i), 0))(ids)
-        image = colour[categories] + rng.integers(0, 20, (size, size, 3))
+        categories = panoptic_to_semantic(ids, segments, ignore_label=0)
+        image = COLOURS[categories] + rng.integers(0, 20, (size, size, 3))
         Image.fromarray(image.astype(np.uint8)).save(root / "images" / f"{stem}.jpg")
         Image.fromarray(id2rgb(ids)).save(root / "panoptic" / f"{stem}.png")
         images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": size, "width": size})

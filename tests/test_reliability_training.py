@@ -32,7 +32,7 @@ from maskattn_d2.engine import (
     adapt_config_to_device,
 )
 
-from .test_train_net import REPO, TINY_MODEL, copypaste_metrics
+from .test_train_net import REPO, TINY_MODEL, copypaste_metrics, train_net_command
 
 CONFIG = "configs/coco_panoptic_128.yaml"
 SAMPLE = '("coco_mini_panoptic_val",)'
@@ -50,13 +50,6 @@ def tiny_cfg(output_dir, *opts):
     cfg.merge_from_file(str(REPO / CONFIG))
     cfg.merge_from_list([*SAMPLE_OPTS, "OUTPUT_DIR", str(output_dir), *opts])
     return adapt_config_to_device(cfg)
-
-
-def train_net_command(opts, output_dir, *, num_gpus=1, config=CONFIG):
-    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config)]
-    if num_gpus > 1:
-        cmd += ["--num-gpus", str(num_gpus)]
-    return cmd + [*opts, "OUTPUT_DIR", str(output_dir)]
 
 
 def run_side_by_side(commands, workdir: Path, timeout=600):

@@ -38,14 +38,20 @@ TINY_MODEL = [
 ]
 
 
+def train_net_command(opts, output_dir, *, config="configs/coco_panoptic_128.yaml", num_gpus=1):
+    """The command line of a train_net.py run (``config`` relative to the repository, or
+    absolute)."""
+    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config)]
+    if num_gpus > 1:
+        cmd += ["--num-gpus", str(num_gpus)]
+    return cmd + [*opts, "OUTPUT_DIR", str(output_dir)]
+
+
 def run_train_net(config, opts, output_dir, *, datasets_root=None, num_gpus=1, timeout=600):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if datasets_root is not None:
         env["DETECTRON2_DATASETS"] = str(datasets_root)
-    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config)]
-    if num_gpus > 1:
-        cmd += ["--num-gpus", str(num_gpus)]
-    cmd += [*opts, "OUTPUT_DIR", str(output_dir)]
+    cmd = train_net_command(opts, output_dir, config=config, num_gpus=num_gpus)
     proc = subprocess.run(
         cmd, cwd=output_dir.parent, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -14,6 +14,7 @@ from maskattn_d2.engine import MaskAttnTrainer, adapt_config_to_device
 
 from .modeling.test_meta_arch import small_cfg
 from .panoptic_factory import NUM_CLASSES, unregister, write_panoptic_dataset
+from .test_train_net import TINY_MODEL
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-MaskAttn-UNet.yaml"
 
@@ -56,21 +57,12 @@ def test_trains_and_evaluates_with_void_and_stuff_only_images(unusual_dataset, t
     cfg = get_cfg()
     add_maskattn_config(cfg)
     cfg.merge_from_file(str(BASE_CONFIG))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu",
+    cfg.merge_from_list(TINY_MODEL + [
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(NUM_CLASSES),
-        "MODEL.MASK_ATTN_UNET.CHANNELS", "[8, 16, 32]",
-        "MODEL.MASK_ATTN.ENCODER_SCALES", "[4]",
-        "MODEL.MASK_ATTN.DECODER_SCALES", "[2]",
-        "MODEL.SEM_SEG_HEAD.CONVS_DIM", "8",
-        "MODEL.EMBED_HEAD.CONVS_DIM", "8",
         "INPUT.NETWORK_SIZE", "(32, 32)",
         "DATASETS.TRAIN", f"('{unusual_dataset}',)",
         "DATASETS.TEST", f"('{unusual_dataset}',)",
-        "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.MAX_ITER", "8",
-        "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.CHECKPOINT_PERIOD", "1000",
         "TEST.EVAL_PERIOD", "0",
         "OUTPUT_DIR", str(tmp_path / "out"),

@@ -93,7 +93,7 @@ class MaskAttnPanopticMapper:
         self.thing_ids = sorted(int(i) for i in thing_ids)
         self.min_instance_pixels = int(min_instance_pixels)
         self.num_classes = num_classes
-        self._warned_files = set()
+        self._checked_files = set()
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(f"[MaskAttnPanopticMapper] {mode}: {augmentations}")
 
@@ -172,12 +172,12 @@ class MaskAttnPanopticMapper:
 
     def _warn_unlisted_ids(self, pan_ids: np.ndarray, segments_info, pan_file: str) -> None:
         """Ids of the PNG missing from segments_info become void (as in panopticapi's
-        evaluation); say so once per file, since it usually means a broken annotation."""
-        if pan_file in self._warned_files:
+        evaluation); check each file once and say so, since it means a broken annotation."""
+        if pan_file in self._checked_files:
             return
+        self._checked_files.add(pan_file)
         unlisted = unlisted_segment_ids(pan_ids, segments_info)
         if unlisted:
-            self._warned_files.add(pan_file)
             logging.getLogger(__name__).warning(
                 f"{pan_file}: segment ids {unlisted} are not in segments_info; their pixels "
                 "are treated as void."

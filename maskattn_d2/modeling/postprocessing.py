@@ -571,8 +571,12 @@ class MaskAttnPostProcessor:
         is_thing[self.thing_ids] = True
         return is_thing
 
-    def find_instances(
-        self, sem: torch.Tensor, probs: torch.Tensor, embeddings: Optional[torch.Tensor]
+    def _ranked_instance_map(
+        self,
+        sem: torch.Tensor,
+        probs: torch.Tensor,
+        embeddings: Optional[torch.Tensor],
+        is_thing: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Instances at network resolution, ranked: score >= threshold, highest first, at most
@@ -582,23 +586,12 @@ class MaskAttnPostProcessor:
             sem: (h, w) int64 semantic argmax.
             probs: (K, h, w) class probabilities.
             embeddings: (D, h, w) pixel embeddings (unused by "connected_components").
+            is_thing: (K,) bool.
 
         Returns:
-            masks (M, h, w) bool, classes (M,) int64, scores (M,) float, sorted by score.
+            (h * w,) int64 rank of each pixel's instance (-1: none), classes (M,) int64 and
+            scores (M,) float in rank order.
         """
-        instance_map, classes, scores = self._ranked_instance_map(
-            sem, probs, embeddings, self._is_thing(sem.device)
-        )
-        return _label_map_masks(instance_map.view(sem.shape), classes.numel()), classes, scores
-
-    def _ranked_instance_map(
-        self,
-        sem: torch.Tensor,
-        probs: torch.Tensor,
-        embeddings: Optional[torch.Tensor],
-        is_thing: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`find_instances` as an (h * w,) map of each pixel's instance rank (or -1)."""
         if self.instance_method == "embedding":
             instance_map, classes, scores = _embedding_instance_map(
                 sem,

@@ -332,24 +332,20 @@ def test_loader_builds_contiguous_dicts(tiny_panoptic):
     assert "sem_seg_file_name" not in d
 
     sem_dir = root / "sem"
-    dicts = load_panoptic_json(
-        str(root / "panoptic.json"),
-        str(root / "images"),
-        str(root / "pan"),
-        panoptic_metadata([{"id": 1, "name": "t", "isthing": 1}, {"id": 2, "name": "s"}]),
-        sem_seg_root=str(sem_dir),
-    )
-    assert "sem_seg_file_name" not in dicts[0]  # the optional folder does not exist
+
+    def load_with_semantic_root():
+        return load_panoptic_json(
+            str(root / "panoptic.json"),
+            str(root / "images"),
+            str(root / "pan"),
+            panoptic_metadata([{"id": 1, "name": "t", "isthing": 1}, {"id": 2, "name": "s"}]),
+            sem_seg_root=str(sem_dir),
+        )
+
+    assert "sem_seg_file_name" not in load_with_semantic_root()[0]  # no such folder yet
     sem_dir.mkdir()
     Image.fromarray(np.zeros((8, 10), np.uint8)).save(sem_dir / "a.png")
-    dicts = load_panoptic_json(
-        str(root / "panoptic.json"),
-        str(root / "images"),
-        str(root / "pan"),
-        panoptic_metadata([{"id": 1, "name": "t", "isthing": 1}, {"id": 2, "name": "s"}]),
-        sem_seg_root=str(sem_dir),
-    )
-    assert dicts[0]["sem_seg_file_name"] == str(sem_dir / "a.png")
+    assert load_with_semantic_root()[0]["sem_seg_file_name"] == str(sem_dir / "a.png")
 
 
 def test_loader_and_checks_name_the_bad_file(tiny_panoptic):

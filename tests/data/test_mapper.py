@@ -163,6 +163,21 @@ def _eval_mapper(meta, **overrides):
     return MaskAttnPanopticMapper(False, **kwargs)
 
 
+def _colour_mapper(is_train=False, **overrides):
+    """A mapper for the colour-coded sample (things 0 and 1 of 4 classes)."""
+    kwargs = dict(
+        augmentations=eval_augmentations(NET),
+        image_format="RGB",
+        network_size=NET,
+        ignore_label=255,
+        thing_ids=[0, 1],
+        min_instance_pixels=4,
+        num_classes=4,
+    )
+    kwargs.update(overrides)
+    return MaskAttnPanopticMapper(is_train, **kwargs)
+
+
 def test_mapper_on_coco_sample(coco_dicts):
     dicts, meta = coco_dicts
     thing_ids = set(meta["thing_dataset_id_to_contiguous_id"].values())
@@ -297,15 +312,8 @@ def _interior(labels: np.ndarray, radius: int = 2) -> np.ndarray:
 
 def test_train_mode_keeps_image_and_targets_aligned(tmp_path):
     d = _colour_coded_sample(tmp_path)
-    mapper = MaskAttnPanopticMapper(
-        True,
-        augmentations=train_augmentations(NET, crop_scale=(0.3, 1.0), color_jitter=0.0),
-        image_format="RGB",
-        network_size=NET,
-        ignore_label=255,
-        thing_ids=[0, 1],
-        min_instance_pixels=4,
-        num_classes=4,
+    mapper = _colour_mapper(
+        True, augmentations=train_augmentations(NET, crop_scale=(0.3, 1.0), color_jitter=0.0)
     )
     orientations = set()
     for seed in range(12):
@@ -330,14 +338,8 @@ def test_colour_jitter_changes_image_but_not_targets(tmp_path):
     d = _colour_coded_sample(tmp_path)
     outs = []
     for jitter in (0.0, 0.4):
-        mapper = MaskAttnPanopticMapper(
-            True,
-            augmentations=train_augmentations(NET, color_jitter=jitter),
-            image_format="RGB",
-            network_size=NET,
-            ignore_label=255,
-            thing_ids=[0, 1],
-            min_instance_pixels=4,
+        mapper = _colour_mapper(
+            True, augmentations=train_augmentations(NET, color_jitter=jitter), num_classes=None
         )
         np.random.seed(3)  # geometric draws come first, so both runs crop/flip alike
         outs.append(mapper(d))
@@ -350,14 +352,12 @@ def test_small_instances_get_no_instance_id(tmp_path):
     d = _colour_coded_sample(tmp_path)
     common = dict(
         augmentations=eval_augmentations((30, 50)),  # 1/3 scale: instance 3 has ~65 px
-        image_format="RGB",
         network_size=(30, 50),
-        ignore_label=255,
-        thing_ids=[0, 1],
+        num_classes=None,
     )
-    out = MaskAttnPanopticMapper(False, min_instance_pixels=1, **common)(d)
+    out = _colour_mapper(min_instance_pixels=1, **common)(d)
     assert out["instance_ids"].max() == 3
-    out = MaskAttnPanopticMapper(False, min_instance_pixels=60, **common)(d)
+    out = _colour_mapper(min_instance_pixels=60, **common)(d)
     # instance 5 (20x15 px -> ~33 px) is dropped, the others are renumbered 1..2
     assert sorted(out["instance_ids"].unique().tolist()) == [0, 1, 2]
 
@@ -365,16 +365,7 @@ def test_small_instances_get_no_instance_id(tmp_path):
 # --------------------------------------------------------------------------- bad data
 def test_mapper_errors_name_the_file(tmp_path):
     d = _colour_coded_sample(tmp_path)
-    mapper = MaskAttnPanopticMapper(
-        False,
-        augmentations=eval_augmentations(NET),
-        image_format="RGB",
-        network_size=NET,
-        ignore_label=255,
-        thing_ids=[0, 1],
-        min_instance_pixels=4,
-        num_classes=4,
-    )
+    mapper = _colour_mapper()
     missing = dict(d, file_name=str(tmp_path / "missing.jpg"))
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         mapper(missing)
@@ -408,14 +399,6 @@ def test_mapper_errors_name_the_file(tmp_path):
 
 def test_mapper_rejects_augmentations_not_ending_at_network_size(tmp_path):
     d = _colour_coded_sample(tmp_path)
-    mapper = MaskAttnPanopticMapper(
-        False,
-        augmentations=eval_augmentations((64, 64)),
-        image_format="RGB",
-        network_size=NET,
-        ignore_label=255,
-        thing_ids=[0, 1],
-        min_instance_pixels=4,
-    )
+    mapper = _colour_mapper(augmentations=eval_augmentations((64, 64)), num_classes=None)
     with pytest.raises(ValueError, match="network size"):
         mapper(d)

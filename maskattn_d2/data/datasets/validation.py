@@ -24,9 +24,10 @@ __all__ = [
 ]
 
 
-# PIL modes of images with more than 8 bits per sample (16-bit PNG / TIFF grayscale), and the
-# value that maps to white when they are scaled to 8 bits.
-_HIGH_BIT_DEPTH_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+# PIL modes of integer images with more than 8 bits per sample (16-bit PNG / TIFF grayscale);
+# 65535 maps to white when they are scaled to 8 bits.
+_HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_HIGH_BIT_DEPTH_WHITE = 65535
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -36,8 +37,8 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     a 16-bit photo almost white. Floating-point images have no agreed range and are refused.
     """
     if image.mode in _HIGH_BIT_DEPTH_MODES:
-        white = _HIGH_BIT_DEPTH_MODES[image.mode]
         values = np.asarray(image, dtype=np.float64)
+        white = _HIGH_BIT_DEPTH_WHITE
         scaled = np.clip(values, 0, white) * (255.0 / white)
         return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
     if image.mode == "F":
@@ -137,7 +138,7 @@ def check_segment_ids_in_png(
     missing = wanted[~np.isin(wanted, present)]
     if len(missing):
         raise ValueError(f"{file_name}: segment ids {missing.tolist()} do not occur in the PNG")
-    unlisted = unlisted_segment_ids(pan_ids, segments_info)
+    unlisted = unlisted_segment_ids(present, segments_info)  # the unique ids suffice
     if unlisted:
         raise ValueError(
             f"{file_name}: the PNG has segment ids {unlisted} that segments_info does not list"
