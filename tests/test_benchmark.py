@@ -169,15 +169,16 @@ def test_compare_pq_runs_end_to_end(tmp_path, monkeypatch):
         ["--iters", "2", "--batch-size", "2", "--num-train", "4", "--num-val", "2",
          "--output-dir", str(tmp_path / "out")]
     )
+    methods = compare_pq.INSTANCE_METHODS  # the postprocessor's
     assert [r["model"] for r in rows] == [
-        "MaskAttn-UNet (embedding)",
-        "MaskAttn-UNet (connected components)",
-        "Panoptic-DeepLab (R18, OS16)",
-    ]
+        f"MaskAttn-UNet ({m.replace('_', ' ')})" for m in methods
+    ] + ["Panoptic-DeepLab (R18, OS16)"]
+    assert "MaskAttn-UNet (connected components)" in [r["model"] for r in rows]
     for r in rows:
         assert 0.0 <= r["PQ"] <= 100.0 and r["train_s"] > 0 and r["params_m"] > 0
-    assert rows[0]["train_s"] == rows[1]["train_s"]  # the same trained model
+    assert len({r["train_s"] for r in rows[: len(methods)]}) == 1  # the same trained model
     table = (tmp_path / "out" / "compare_pq.md").read_text()
+    assert table.startswith("# PQ on the synthetic data (4 train / 2 val images)")
     assert "| Panoptic-DeepLab (R18, OS16) |" in table
     saved = json.loads((tmp_path / "out" / "compare_pq.json").read_text())
-    assert len(saved["rows"]) == 3
+    assert len(saved["rows"]) == len(methods) + 1

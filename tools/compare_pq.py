@@ -1,11 +1,22 @@
 #!/usr/bin/env python
-"""PQ of MaskAttn-UNet against Panoptic-DeepLab, and of its two instance methods, on equal terms.
+"""PQ of MaskAttn-UNet against Panoptic-DeepLab, and of its instance methods, on equal terms.
 
     python tools/compare_pq.py                         # 300 iterations each, a few CPU minutes
     python tools/compare_pq.py --iters 1500 --num-train 512 --output-dir output/compare_pq
+    python tools/compare_pq.py --dataset synthetic_touching   # same-class instances in contact
+    python tools/compare_pq.py --dataset dsb2018_panoptic \
+        --config-file configs/dsb2018_panoptic_128.yaml --output-dir output/compare_pq_dsb2018
+    python tools/compare_pq.py --models maskattn       # MaskAttn-UNet only (development)
 
-Both models train on the same embedded synthetic panoptic data (registered here with
-``--num-train`` / ``--num-val`` images) with the same budget: ``--iters`` iterations of
+Data (``--dataset``): "synthetic" (default) generates the embedded synthetic panoptic scenes
+with ``--num-train`` / ``--num-val`` images and registers them here; "synthetic_touching"
+does the same with the touching layout (chains of same-class instances in contact, which the
+connected components of the semantic map merge). Any other value NAME is a registered panoptic
+dataset pair "NAME_train" / "NAME_val" (e.g. "maskattn_synthetic_touching_panoptic",
+"dsb2018_panoptic"), used as registered: ``--num-train`` / ``--num-val`` are then ignored, and
+``--config-file`` must suit the dataset (its number of classes); its DATASETS are replaced.
+
+Both models train on the same data with the same budget: ``--iters`` iterations of
 ``--batch-size`` images, the same optimizer, LR schedule and gradient clipping (the
 ``SOLVER`` of ``--config-file``, its warm-up scaled to ``--iters``), and the same augmentations
 (random resized crop to the network size, flip, colour jitter):
@@ -14,8 +25,9 @@ Both models train on the same embedded synthetic panoptic data (registered here 
     Panoptic-DeepLab from ``detectron2.projects.panoptic_deeplab`` with a small ResNet
     (``--pdl-depth`` 18: ResNet-18 with a dilated res5, output stride 16), its own dataset
     mapper (``PanopticDeeplabDatasetMapper``), target generator, losses and post-processing;
-(b) the SAME trained MaskAttn-UNet evaluated twice: instances by embedding clustering and by
-    connected components of the semantic map (``MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD``).
+(b) the SAME trained MaskAttn-UNet evaluated once per instance method of
+    ``maskattn_d2.modeling.postprocessing.INSTANCE_METHODS`` (embedding clustering, connected
+    components of the semantic map, ...; ``MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD``).
 
 Evaluation: detectron2's ``COCOPanopticEvaluator`` (through
 :func:`maskattn_d2.evaluation.build_evaluator`) on the validation split at the original image
@@ -24,6 +36,8 @@ panoptic map at that size, which is resized (nearest) to the image's size: MaskA
 post-processor does it itself; Panoptic-DeepLab's output is resized by a thin wrapper,
 because its offsets are in network pixels and cannot be upsampled before grouping.
 Writes ``compare_pq.md`` and ``compare_pq.json`` into ``--output-dir`` and prints the table.
+PQ_th (PQ over the thing classes) is the column that measures how well instances of one class
+are told apart; PQ_st depends only on the semantic segmentation.
 """
 import argparse
 import json
@@ -35,6 +49,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import (
+    DatasetCatalog,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
@@ -55,11 +70,13 @@ from maskattn_d2.data import build_dataset_mapper, build_train_augmentations
 from maskattn_d2.data.datasets import register_synthetic_panoptic
 from maskattn_d2.engine import adapt_config_to_device, build_optimizer
 from maskattn_d2.evaluation import build_evaluator
-from maskattn_d2.modeling.postprocessing import resize_label_map
+from maskattn_d2.modeling.postprocessing import INSTANCE_METHODS, resize_label_map
 from maskattn_d2.utils.peers import panoptic_deeplab_config, panoptic_deeplab_target_generator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANCE_METHODS = ("embedding", "connected_components")
+# --dataset values that generate synthetic data here (with --num-train / --num-val).
+GENERATED_DATASETS = {"synthetic": False, "synthetic_touching": True}  # name -> touching
+MODELS = ("maskattn", "pdl")
 logger = logging.getLogger("maskattn_d2.compare_pq")
 
 
@@ -71,14 +88,34 @@ def get_parser() -> argparse.ArgumentParser:
         "--config-file", default=os.path.join(REPO, "configs", "synthetic_panoptic_128.yaml"),
         help="MaskAttn-UNet config; its SOLVER is used for both models",
     )
+    parser.add_argument(
+        "--dataset", default="synthetic",
+        help="'synthetic' (default) or 'synthetic_touching': synthetic scenes generated with "
+        "--num-train / --num-val images (the touching layout: same-class instances in "
+        "contact); any other NAME: the registered panoptic datasets NAME_train / NAME_val "
+        "(e.g. maskattn_synthetic_touching_panoptic, dsb2018_panoptic), with --num-train / "
+        "--num-val ignored; pass a --config-file with the dataset's number of classes",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS),
+        help="models to train: maskattn (MaskAttn-UNet, evaluated with every instance method) "
+        "and/or pdl (Panoptic-DeepLab); default both",
+    )
     parser.add_argument("--iters", type=int, default=300, help="training iterations per model")
     parser.add_argument("--batch-size", type=int, default=8, help="images per iteration")
-    parser.add_argument("--num-train", type=int, default=256, help="synthetic training images")
-    parser.add_argument("--num-val", type=int, default=32, help="synthetic validation images")
+    parser.add_argument(
+        "--num-train", type=int, default=256,
+        help="synthetic training images (only for --dataset synthetic / synthetic_touching)",
+    )
+    parser.add_argument(
+        "--num-val", type=int, default=32,
+        help="synthetic validation images (only for --dataset synthetic / synthetic_touching)",
+    )
     parser.add_argument("--pdl-depth", type=int, default=18, choices=[18, 34, 50],
                         help="ResNet depth of Panoptic-DeepLab")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the models (and of the generated synthetic data)")
     parser.add_argument("--output-dir", default="./output/compare_pq")
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER,
@@ -90,8 +127,46 @@ def get_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     if args.iters < 1 or args.batch_size < 2:
         raise ValueError("--iters must be >= 1 and --batch-size >= 2 (BatchNorm in training)")
-    if args.num_train < args.batch_size or args.num_val < 1:
+    if args.dataset in GENERATED_DATASETS and (
+        args.num_train < args.batch_size or args.num_val < 1
+    ):
         raise ValueError("--num-train must be >= --batch-size and --num-val >= 1")
+
+
+def dataset_names(args) -> List[str]:
+    """The (train, val) dataset names of ``--dataset``, generated synthetic data registered."""
+    if args.dataset in GENERATED_DATASETS:
+        touching = GENERATED_DATASETS[args.dataset]
+        layout = "_touching" if touching else ""
+        prefix = f"compare_pq_synthetic{layout}_{args.num_train}_{args.num_val}_seed{args.seed}"
+        return register_synthetic_panoptic(
+            prefix, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+            touching=touching,
+        )
+    names = [f"{args.dataset}_train", f"{args.dataset}_val"]
+    registered = set(DatasetCatalog.list())
+    missing = [n for n in names if n not in registered]
+    if missing:
+        pairs = sorted(
+            n[: -len("_train")] for n in registered
+            if n.endswith("_train") and n[: -len("_train")] + "_val" in registered
+        )
+        raise ValueError(
+            f"--dataset {args.dataset}: {', '.join(missing)} not registered; use "
+            f"{', '.join(sorted(GENERATED_DATASETS))} or one of the registered pairs: "
+            f"{', '.join(pairs)}"
+        )
+    return names
+
+
+def _check_classes(cfg, train_name: str) -> None:
+    """The config's class count must be the dataset's (a clear error instead of a crash)."""
+    num_classes = len(MetadataCatalog.get(train_name).get("stuff_classes", []))
+    if num_classes and num_classes != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
+        raise ValueError(
+            f"{train_name} has {num_classes} classes but {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} "
+            f"in MODEL.SEM_SEG_HEAD.NUM_CLASSES: pass the dataset's --config-file"
+        )
 
 
 # --------------------------------------------------------------------------- configs
@@ -183,17 +258,22 @@ def evaluate(model: nn.Module, cfg, output_folder: str) -> Dict[str, float]:
     return dict(results["panoptic_seg"])
 
 
-def run(args) -> List[Dict]:
-    """Train both models, evaluate the three rows; returns them."""
+def run(args, train_name: str, val_name: str) -> List[Dict]:
+    """Train the ``--models``, evaluate their rows; returns them."""
     torch.set_num_threads(args.threads)
-    prefix = f"compare_pq_synthetic_{args.num_train}_{args.num_val}_seed{args.seed}"
-    train_name, val_name = register_synthetic_panoptic(
-        prefix, num_train=args.num_train, num_val=args.num_val, seed=args.seed
-    )
     cfg = maskattn_config(args, train_name, val_name)
+    _check_classes(cfg, train_name)
     rows = []
+    if "maskattn" in args.models:
+        rows += _run_maskattn(args, cfg)
+    if "pdl" in args.models:
+        rows += _run_pdl(args, cfg, train_name)
+    return rows
 
-    # MaskAttn-UNet: one training, evaluated with both instance methods.
+
+def _run_maskattn(args, cfg) -> List[Dict]:
+    """MaskAttn-UNet: one training, evaluated with every instance method."""
+    rows = []
     seed_all_rng(args.seed)
     model = build_model(cfg)
     loader = build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
@@ -208,8 +288,11 @@ def run(args) -> List[Dict]:
         eval_model.load_state_dict(state)
         metrics = evaluate(eval_model, eval_cfg, os.path.join(cfg.OUTPUT_DIR, method))
         rows.append(_row(f"MaskAttn-UNet ({method.replace('_', ' ')})", metrics, train_s, model))
+    return rows
 
-    # Panoptic-DeepLab with its own mapper, targets, losses and post-processing.
+
+def _run_pdl(args, cfg, train_name: str) -> List[Dict]:
+    """Panoptic-DeepLab with its own mapper, targets, losses and post-processing."""
     pdl_cfg = pdl_config(args, cfg)
     seed_all_rng(args.seed)
     pdl = build_model(pdl_cfg)
@@ -222,8 +305,7 @@ def run(args) -> List[Dict]:
     pdl_train_s = train(pdl, build_detection_train_loader(pdl_cfg, mapper=mapper), pdl_cfg,
                         "Panoptic-DeepLab")
     metrics = evaluate(PanopticAtNetworkSize(pdl), cfg, pdl_cfg.OUTPUT_DIR)
-    rows.append(_row(f"Panoptic-DeepLab (R{args.pdl_depth}, OS16)", metrics, pdl_train_s, pdl))
-    return rows
+    return [_row(f"Panoptic-DeepLab (R{args.pdl_depth}, OS16)", metrics, pdl_train_s, pdl)]
 
 
 def _row(name: str, metrics: Dict[str, float], train_s: float, model: nn.Module) -> Dict:
@@ -234,14 +316,24 @@ def _row(name: str, metrics: Dict[str, float], train_s: float, model: nn.Module)
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    header = "| Model | Params (M) | PQ | SQ | RQ | PQ_th | PQ_st | Train time (s) |"
+    # PQ_th right after PQ: it is where the instance methods differ.
+    header = "| Model | Params (M) | PQ | **PQ_th** | PQ_st | SQ | RQ | Train time (s) |"
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['params_m']:.2f} | {r['PQ']:.1f} | {r['SQ']:.1f} | "
-            f"{r['RQ']:.1f} | {r['PQ_th']:.1f} | {r['PQ_st']:.1f} | {r['train_s']:.0f} |"
+            f"| {r['model']} | {r['params_m']:.2f} | {r['PQ']:.1f} | {r['PQ_th']:.1f} | "
+            f"{r['PQ_st']:.1f} | {r['SQ']:.1f} | {r['RQ']:.1f} | {r['train_s']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def dataset_title(args, train_name: str, val_name: str) -> str:
+    """How the markdown title names the data."""
+    if args.dataset in GENERATED_DATASETS:
+        layout = ", touching layout" if GENERATED_DATASETS[args.dataset] else ""
+        return f"the synthetic data{layout} ({args.num_train} train / {args.num_val} val images)"
+    num_train, num_val = (len(DatasetCatalog.get(n)) for n in (train_name, val_name))
+    return f"{args.dataset} ({train_name}: {num_train} / {val_name}: {num_val} images)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
@@ -250,21 +342,27 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logger(name="maskattn_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
-    rows = run(args)
-    markdown = "\n".join(
-        [
-            f"# PQ on the synthetic data ({args.num_train} train / {args.num_val} val images, "
-            f"{args.iters} iterations x {args.batch_size} images per model)",
-            "",
-            format_table(rows),
-            "",
-            "Both MaskAttn-UNet rows are the same trained model (train time counted once).",
-        ]
-    )
+    train_name, val_name = dataset_names(args)
+    rows = run(args, train_name, val_name)
+    lines = [
+        f"# PQ on {dataset_title(args, train_name, val_name)}, "
+        f"{args.iters} iterations x {args.batch_size} images per model",
+        "",
+        format_table(rows),
+        "",
+        "PQ_th: PQ over the thing classes, where instances of one class must be told apart.",
+    ]
+    if "maskattn" in args.models and len(INSTANCE_METHODS) > 1:
+        lines.append(
+            "All MaskAttn-UNet rows are the same trained model (train time counted once)."
+        )
+    markdown = "\n".join(lines)
     with open(os.path.join(args.output_dir, "compare_pq.md"), "w") as f:
         f.write(markdown + "\n")
     with open(os.path.join(args.output_dir, "compare_pq.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+        json.dump(
+            {"args": vars(args), "datasets": [train_name, val_name], "rows": rows}, f, indent=2
+        )
     print(markdown)
     return rows
 

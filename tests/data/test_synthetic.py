@@ -1,4 +1,5 @@
 """The synthetic panoptic generator: determinism, COCO panoptic conventions, reuse."""
+import hashlib
 import json
 import multiprocessing
 import os
@@ -18,7 +19,11 @@ from maskattn_d2.data.datasets import (
     panoptic_metadata,
     render_scene,
 )
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from maskattn_d2.data.datasets import register_all_maskattn_datasets, register_synthetic_panoptic
 from maskattn_d2.data.datasets.panoptic_conversion import build_directory_once
+from maskattn_d2.data.datasets.register_synthetic import synthetic_root as cache_root
 from maskattn_d2.data.target_generator import panoptic_to_semantic
 
 SMALL = dict(num_train=8, num_val=4, seed=0)
@@ -216,3 +221,112 @@ def test_default_size_generates_quickly(tmp_path):
     generate_synthetic_panoptic(str(tmp_path / "default"))
     assert time.perf_counter() - start < 30
     assert len(os.listdir(tmp_path / "default" / "train")) == 512
+
+
+# ---------------------------------------------------------------------------- touching layout
+TINY_TOUCHING = dict(num_train=3, num_val=2, seed=0, touching=True)
+# sha256 of the default layout's first three scenes (ids + segments), as rendered before the
+# touching layout existed: the default must stay byte-identical.
+DEFAULT_FINGERPRINT = "2335cf253bc4e4a6aa39a2a33fb86f8475cb57ebfe81d847f641774c7bd2e61a"
+
+
+def _fingerprint(**kwargs) -> str:
+    digest = hashlib.sha256()
+    for i in range(3):
+        rng = np.random.default_rng([0, 0, i])
+        _, pan_ids, segments = render_scene(rng, 140, 170, **kwargs)
+        digest.update(pan_ids.astype(np.int64).tobytes())
+        digest.update(json.dumps(segments, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def test_default_layout_is_unchanged():
+    assert _fingerprint() == DEFAULT_FINGERPRINT
+    assert _fingerprint(touching=False) == DEFAULT_FINGERPRINT
+    assert _fingerprint(touching=True) != DEFAULT_FINGERPRINT
+
+
+def test_touching_generation_is_deterministic_and_recorded(synthetic_root, tmp_path):
+    first, again = tmp_path / "touching", tmp_path / "touching_again"
+    generate_synthetic_panoptic(str(first), **TINY_TOUCHING)
+    generate_synthetic_panoptic(str(again), **TINY_TOUCHING)
+    assert _files(first) == _files(again)
+    for rel in _files(first):
+        assert (first / rel).read_bytes() == (again / rel).read_bytes(), rel
+    # The layout is part of the generation parameters (marker), only when it is used.
+    marker = json.loads((first / "MASKATTN_COMPLETE.json").read_text())
+    assert marker["touching"] is True
+    assert "touching" not in json.loads((synthetic_root / "MASKATTN_COMPLETE.json").read_text())
+    with pytest.raises(ValueError, match="other generated data"):
+        generate_synthetic_panoptic(str(first), **dict(TINY_TOUCHING, touching=False))
+    # Other scenes than the default's with the same seed.
+    rel = "annotations/panoptic_train/000001.png"
+    assert (first / rel).read_bytes() != (synthetic_root / rel).read_bytes()
+
+
+def _same_class_contact_fraction(touching: bool, num_scenes: int = 24) -> float:
+    """Fraction of the non-crowd thing instances 4-adjacent to another instance of their
+    class (each mask dilated by 1 px, then intersected with the others)."""
+    touching_count = total = 0
+    for i in range(num_scenes):
+        rng = np.random.default_rng([7, 0, i])
+        _, pan_ids, segments = render_scene(rng, 140, 170, touching=touching)
+        things = [s for s in segments if s["category_id"] in (1, 2, 3) and not s["iscrowd"]]
+        for seg in things:
+            mask = pan_ids == seg["id"]
+            grown = mask.copy()
+            grown[1:] |= mask[:-1]
+            grown[:-1] |= mask[1:]
+            grown[:, 1:] |= mask[:, :-1]
+            grown[:, :-1] |= mask[:, 1:]
+            others = [
+                o["id"] for o in things
+                if o["category_id"] == seg["category_id"] and o["id"] != seg["id"]
+            ]
+            total += 1
+            touching_count += bool(np.isin(pan_ids[grown], others).any())
+    return touching_count / total
+
+
+def test_touching_scenes_put_same_class_instances_in_contact():
+    touching = _same_class_contact_fraction(True)
+    default = _same_class_contact_fraction(False)
+    assert touching >= 0.8, touching
+    assert default <= 0.35, default
+    assert touching > default + 0.4
+
+
+def test_touching_scenes_keep_every_instance_visible():
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        image, pan_ids, segments = render_scene(rng, 140, 170, touching=True)
+        assert image.shape == (140, 170, 3) and image.dtype == np.uint8
+        things = [s for s in segments if s["category_id"] in (1, 2, 3) and not s["iscrowd"]]
+        assert len(things) >= 3  # at least one chain start per class
+        for seg in things:
+            assert int((pan_ids == seg["id"]).sum()) >= 20
+
+
+def test_touching_registration(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKATTN_D2_CACHE", str(tmp_path / "cache"))
+    default = cache_root(num_train=4, num_val=2, seed=0)
+    touching = cache_root(num_train=4, num_val=2, seed=0, touching=True)
+    assert os.path.basename(default) == "synthetic_panoptic_v1_seed0_4-2"
+    assert os.path.basename(touching) == "synthetic_panoptic_touching_v1_seed0_4-2"
+    register_all_maskattn_datasets()
+    for split in ("train", "val"):
+        assert f"maskattn_synthetic_touching_panoptic_{split}" in DatasetCatalog.list()
+    meta = MetadataCatalog.get("maskattn_synthetic_touching_panoptic_val")
+    # Registered at import; the paths follow $MASKATTN_D2_CACHE when the data are loaded.
+    assert "/synthetic_panoptic_touching_v1_seed0_256-32/" in meta.panoptic_json
+    assert not (tmp_path / "cache").exists()  # lazy: nothing generated at registration
+
+    names = register_synthetic_panoptic("test_tiny_touching", num_train=2, num_val=1, touching=True)
+    try:
+        assert len(DatasetCatalog.get("test_tiny_touching_val")) == 1
+        root = Path(cache_root(num_train=2, num_val=1, seed=0, touching=True))
+        assert json.loads((root / "MASKATTN_COMPLETE.json").read_text())["touching"] is True
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)

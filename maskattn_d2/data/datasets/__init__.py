@@ -15,7 +15,13 @@ from .panoptic_json import (
 )
 from .register_ade20k_panoptic import register_ade20k_panoptic
 from .register_coco_mini import COCO_MINI_NAME, register_coco_mini_panoptic
-from .register_synthetic import SYNTHETIC_PREFIX, register_synthetic_panoptic
+from .register_synthetic import (
+    SYNTHETIC_PREFIX,
+    TOUCHING_NUM_TRAIN,
+    TOUCHING_NUM_VAL,
+    TOUCHING_PREFIX,
+    register_synthetic_panoptic,
+)
 from .synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic, render_scene
 from .validation import check_panoptic_dataset, read_image_checked, read_panoptic_png
 
@@ -23,6 +29,7 @@ __all__ = [
     "COCO_MINI_NAME",
     "SYNTHETIC_CATEGORIES",
     "SYNTHETIC_PREFIX",
+    "TOUCHING_PREFIX",
     "check_panoptic_dataset",
     "default_cache_dir",
     "ensure_instances_json",
@@ -44,12 +51,19 @@ __all__ = [
 def register_all_maskattn_datasets() -> None:
     """Register maskattn_d2's datasets; safe to call more than once.
 
-    Names: "maskattn_synthetic_panoptic_{train,val}" (generated into ``$MASKATTN_D2_CACHE``
-    on first use), "coco_mini_panoptic_val" (the 3-image COCO sample of the repository) and
-    "ade20k_panoptic_{train,val}" (under ``$DETECTRON2_DATASETS``). Paths are resolved from
-    the environment now (detectron2's evaluators read them from the metadata) and again when
-    a dataset is loaded; no file is read or written until then.
+    Names: "maskattn_synthetic_panoptic_{train,val}" and the touching layout
+    "maskattn_synthetic_touching_panoptic_{train,val}" (256 / 32 images; both generated into
+    ``$MASKATTN_D2_CACHE`` on first use), "coco_mini_panoptic_val" (the 3-image COCO sample of
+    the repository) and "ade20k_panoptic_{train,val}" (under ``$DETECTRON2_DATASETS``). Paths
+    are resolved from the environment now (detectron2's evaluators read them from the
+    metadata) and again when a dataset is loaded; no file is read or written until then.
     """
     register_synthetic_panoptic()
+    register_synthetic_panoptic(
+        TOUCHING_PREFIX,
+        num_train=TOUCHING_NUM_TRAIN,
+        num_val=TOUCHING_NUM_VAL,
+        touching=True,
+    )
     register_coco_mini_panoptic()
     register_ade20k_panoptic()

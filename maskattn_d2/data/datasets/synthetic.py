@@ -11,6 +11,13 @@ unlabelled boundaries, and some scenes have a "crowd" cluster of small shapes la
 size is exercised. Everything is deterministic given the seed; image ``i`` of a split does not
 depend on how many images are generated.
 
+``touching=True`` selects another layout (a separate dataset; the default is unchanged): the
+thing instances come in chains of 2-3 shapes of one class in a row, each touching the next
+(4-adjacent, at most a sliver of overlap) while keeping most of its area visible, 1-2 chains
+per class. The connected components of the semantic map merge each chain into one segment,
+so only a method that separates instances of one class (centres/offsets, embeddings) can
+score there.
+
 Layout under ``root`` (COCO's):
 
     {train,val}/000001.jpg ...                       images (JPEG, quality 95)
@@ -64,6 +71,12 @@ _MIN_VISIBLE_FRACTION = 0.6  # an instance may lose at most 40% of its area to o
 _MIN_VISIBLE_PIXELS = 20
 _VOID_RING_PROB = 0.3
 _CROWD_PROB = 0.15
+# Touching layout: chains of same-class shapes, each touching the next.
+_CHAINS_PER_CLASS = (1, 2)
+_CHAIN_LENGTH = (2, 3)
+_CHAIN_OBJECT_SIZE = (14, 30)
+_MIN_INSIDE_FRACTION = 0.7  # a chain link keeps >= 70% of its nominal area inside the image
+_NOMINAL_AREA = {"circle": np.pi / 4.0, "square": 1.0, "triangle": np.sqrt(3.0) / 4.0}
 
 
 def _shape_mask(
@@ -169,12 +182,99 @@ def _try_place(owner: np.ndarray, full_areas: Dict[int, int], new_mask: np.ndarr
     return True
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int):
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` dilated by one pixel (4-neighbourhood)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
+
+
+def _touching_mask(
+    shape: str,
+    height: int,
+    width: int,
+    neighbour: np.ndarray,
+    start: Tuple[float, float],
+    direction: float,
+    size: float,
+    angle: float,
+):
+    """The shape placed along ``direction`` from ``start`` as far as it still touches
+    ``neighbour`` (a pixel of it 4-adjacent to or on ``neighbour``).
+
+    The centre moves from beyond contact towards ``start`` in half-pixel steps and stops at
+    the first contact, so the two shapes touch with at most a sliver of overlap. Returns
+    (mask, cy, cx), or None when no position makes contact.
+    """
+    grown = _grow(neighbour)
+    dy, dx = np.sin(direction), np.cos(direction)
+    ys, xs = np.nonzero(neighbour)
+    # Farthest extent of the neighbour along the direction, plus the shape's circumradius.
+    reach = float(np.max((ys - start[0]) * dy + (xs - start[1]) * dx)) + size / np.sqrt(2.0) + 2
+    for distance in np.arange(reach, 0.0, -0.5):
+        cy, cx = start[0] + distance * dy, start[1] + distance * dx
+        mask = _shape_mask(shape, height, width, cy, cx, size, angle)
+        if (mask & grown).any():
+            return mask, cy, cx
+    return None
+
+
+def _place_chains(rng, height: int, width: int, owner: np.ndarray, full_areas, paint) -> None:
+    """The touching layout: chains of 2-3 same-class shapes, each touching the previous."""
+    lo, hi = _CHAINS_PER_CLASS
+    order = [c for c in _THING_IDS for _ in range(int(rng.integers(lo, hi + 1)))]
+    rng.shuffle(order)
+    for cat in order:
+        shape = _SHAPES[cat]
+        length = int(rng.integers(_CHAIN_LENGTH[0], _CHAIN_LENGTH[1] + 1))
+
+        def fits(mask, size):
+            inside = mask.sum() >= _MIN_INSIDE_FRACTION * _NOMINAL_AREA[shape] * size * size
+            return inside and _try_place(owner, full_areas, mask)
+
+        previous = None
+        for _attempt in range(20):  # the first link
+            size = rng.uniform(*_CHAIN_OBJECT_SIZE)
+            cy = rng.uniform(size / 2.0, height - size / 2.0)
+            cx = rng.uniform(size / 2.0, width - size / 2.0)
+            mask = _shape_mask(shape, height, width, cy, cx, size, rng.uniform(0, np.pi))
+            if fits(mask, size):
+                previous = (paint(mask, cat, False, cy, cx, size), cy, cx, size)
+                break
+        if previous is None:
+            continue
+        direction = rng.uniform(0, 2 * np.pi)  # the chain runs roughly along one line
+        for _link in range(1, length):
+            index, py, px, psize = previous
+            placed = None
+            for _attempt in range(8):
+                size = float(np.clip(psize * rng.uniform(0.8, 1.25), *_CHAIN_OBJECT_SIZE))
+                heading = direction + rng.uniform(-0.5, 0.5)
+                angle = rng.uniform(0, np.pi)
+                found = _touching_mask(
+                    shape, height, width, owner == index, (py, px), heading, size, angle
+                )
+                if found is not None and fits(found[0], size):
+                    mask, cy, cx = found
+                    placed = (paint(mask, cat, False, cy, cx, size), cy, cx, size)
+                    break
+                direction = rng.uniform(0, 2 * np.pi)  # blocked: turn
+            if placed is None:
+                break
+            previous = placed
+
+
+def render_scene(rng: np.random.Generator, height: int, width: int, touching: bool = False):
     """Render one synthetic panoptic scene.
 
     Args:
         rng: numpy random generator (the only source of randomness).
         height, width: image size in pixels.
+        touching: the touching layout (chains of same-class instances in contact) instead of
+            the default independent placement.
 
     Returns:
         image: (H, W, 3) uint8 RGB image.
@@ -194,6 +294,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
         full_areas[index] = int(mask.sum())
         image[mask] = _thing_texture(rng, cat, mask, cy, cx, size)
         things.append({"category_id": cat, "iscrowd": int(crowd), "index": index})
+        return index
 
     if rng.random() < _CROWD_PROB:  # a cluster of small shapes labelled as one crowd segment
         cat = int(rng.choice(_THING_IDS))
@@ -205,19 +306,23 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
             mask |= _shape_mask(_SHAPES[cat], height, width, cy + dy, cx + dx, size, angle)
         paint(mask, cat, True, cy, cx, 24.0)
 
-    lo, hi = _INSTANCES_PER_CLASS
-    order = [c for c in _THING_IDS for _ in range(int(rng.integers(lo, hi + 1)))]
-    rng.shuffle(order)
-    for cat in order:
-        for _attempt in range(20):
-            size = rng.uniform(*_OBJECT_SIZE)
-            margin = size / 4.0
-            cy = rng.uniform(margin, height - margin)
-            cx = rng.uniform(margin, width - margin)
-            mask = _shape_mask(_SHAPES[cat], height, width, cy, cx, size, rng.uniform(0, np.pi))
-            if _try_place(owner, full_areas, mask):
-                paint(mask, cat, False, cy, cx, size)
-                break
+    if touching:
+        _place_chains(rng, height, width, owner, full_areas, paint)
+    else:
+        lo, hi = _INSTANCES_PER_CLASS
+        order = [c for c in _THING_IDS for _ in range(int(rng.integers(lo, hi + 1)))]
+        rng.shuffle(order)
+        for cat in order:
+            for _attempt in range(20):
+                size = rng.uniform(*_OBJECT_SIZE)
+                margin = size / 4.0
+                cy = rng.uniform(margin, height - margin)
+                cx = rng.uniform(margin, width - margin)
+                angle = rng.uniform(0, np.pi)
+                mask = _shape_mask(_SHAPES[cat], height, width, cy, cx, size, angle)
+                if _try_place(owner, full_areas, mask):
+                    paint(mask, cat, False, cy, cx, size)
+                    break
 
     segments = []
     present = np.unique(stuff)
@@ -237,12 +342,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
         )
         if not thing["iscrowd"] and rng.random() < _VOID_RING_PROB:
             # 1-pixel unlabelled ring around the instance, only over the background.
-            grown = visible.copy()
-            grown[1:] |= visible[:-1]
-            grown[:-1] |= visible[1:]
-            grown[:, 1:] |= visible[:, :-1]
-            grown[:, :-1] |= visible[:, 1:]
-            pan_ids[grown & ~visible & (owner == 0)] = 0
+            pan_ids[_grow(visible) & ~visible & (owner == 0)] = 0
     # Stuff fully hidden by void rings would leave an empty segment: drop such segments.
     present_ids = set(np.unique(pan_ids).tolist())
     segments = [s for s in segments if s["id"] in present_ids]
@@ -264,7 +364,9 @@ def _write_split(root: str, split: str, split_index: int, num_images: int, param
         rng = np.random.default_rng([params["seed"], split_index, i])
         height = int(rng.integers(params["height_range"][0], params["height_range"][1] + 1))
         width = int(rng.integers(params["width_range"][0], params["width_range"][1] + 1))
-        image, pan_ids, segments = render_scene(rng, height, width)
+        image, pan_ids, segments = render_scene(
+            rng, height, width, touching=params.get("touching", False)
+        )
         image_id, stem = i + 1, f"{i + 1:06d}"
         Image.fromarray(image).save(os.path.join(image_dir, stem + ".jpg"), quality=95)
         Image.fromarray(id2rgb(pan_ids)).save(os.path.join(pan_dir, stem + ".png"))
@@ -288,7 +390,10 @@ def _write_split(root: str, split: str, split_index: int, num_images: int, param
             first_annotation_id=len(instances) + 1,
         )
 
-    info = {"description": "maskattn_d2 synthetic panoptic scenes", "version": SYNTHETIC_VERSION}
+    description = "maskattn_d2 synthetic panoptic scenes"
+    if params.get("touching", False):
+        description += " (touching layout)"
+    info = {"description": description, "version": SYNTHETIC_VERSION}
     panoptic = {"info": info, "images": images, "annotations": annotations}
     panoptic["categories"] = SYNTHETIC_CATEGORIES
     with open(os.path.join(ann_dir, f"panoptic_{split}.json"), "w") as f:
@@ -311,6 +416,7 @@ def generate_synthetic_panoptic(
     seed: int = 0,
     height_range: Sequence[int] = (128, 160),
     width_range: Sequence[int] = (128, 192),
+    touching: bool = False,
 ) -> None:
     """Generate the synthetic panoptic dataset under ``root`` once (reused afterwards).
 
@@ -324,6 +430,9 @@ def generate_synthetic_panoptic(
         num_train, num_val: number of images per split (>= 1).
         seed: random seed; the output is byte-identical for equal parameters.
         height_range, width_range: inclusive ranges of image heights and widths (>= 48).
+        touching: the touching layout (chains of same-class instances in contact, see the
+            module docstring). It is recorded in the generation parameters only when True,
+            so the default's marker and files are those of earlier versions.
 
     Raises:
         ValueError: bad arguments, or ``root`` holds other data.
@@ -341,6 +450,8 @@ def generate_synthetic_panoptic(
         "height_range": [int(v) for v in height_range],
         "width_range": [int(v) for v in width_range],
     }
+    if touching:
+        params["touching"] = True
 
     def build(tmp_root: str) -> None:
         _write_split(tmp_root, "train", 0, num_train, params)

@@ -1,0 +1,106 @@
+"""tools/compare_pq.py: --dataset (generated synthetic data or a registered pair), --models,
+the instance methods taken from the postprocessor. The full two-model run is in
+tests/test_benchmark.py (slow)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from maskattn_d2.data.datasets import register_synthetic_panoptic
+from maskattn_d2.modeling.postprocessing import INSTANCE_METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "configs" / "quick_schedules" / "synthetic_instant_test.yaml"
+
+
+@pytest.fixture(scope="module")
+def compare_pq():
+    path = REPO / "tools" / "compare_pq.py"
+    spec = importlib.util.spec_from_file_location("maskattn_tool_compare_pq", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_pair(tmp_path):
+    """A registered 4 / 2-image touching-layout pair "test_compare_tiny_{train,val}"."""
+    names = register_synthetic_panoptic(
+        "test_compare_tiny", str(tmp_path / "tiny"), num_train=4, num_val=2, touching=True
+    )
+    yield "test_compare_tiny"
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_help_and_arguments(compare_pq, capsys):
+    parser = compare_pq.get_parser()
+    args = parser.parse_args([])
+    assert args.dataset == "synthetic" and args.models == ["maskattn", "pdl"]
+    assert parser.parse_args(["--models", "maskattn"]).models == ["maskattn"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--models", "mask2former"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--dataset" in help_text and "ignored" in help_text
+    # The methods come from the postprocessor, not a local copy.
+    assert compare_pq.INSTANCE_METHODS is INSTANCE_METHODS
+
+
+def test_dataset_names(compare_pq, tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKATTN_D2_CACHE", str(tmp_path / "cache"))
+    parse = compare_pq.get_parser().parse_args
+    assert compare_pq.dataset_names(parse(["--dataset", tiny_pair])) == [
+        f"{tiny_pair}_train", f"{tiny_pair}_val"
+    ]
+    # A registered pair ignores --num-train / --num-val (not checked against the batch size).
+    compare_pq._check_args(parse(["--dataset", tiny_pair, "--num-train", "1"]))
+    with pytest.raises(ValueError, match="num-train"):
+        compare_pq._check_args(parse(["--num-train", "1"]))
+    with pytest.raises(ValueError, match="not registered.*test_compare_tiny"):
+        compare_pq.dataset_names(parse(["--dataset", "no_such_dataset"]))
+    # Generated data: registered here (nothing generated yet), touching layout on request.
+    train, val = compare_pq.dataset_names(
+        parse(["--dataset", "synthetic_touching", "--num-train", "4", "--num-val", "2"])
+    )
+    assert "touching" in train and val.endswith("_val")
+    assert "/synthetic_panoptic_touching_v1_seed0_4-2/" in MetadataCatalog.get(val).panoptic_json
+    train, _ = compare_pq.dataset_names(parse(["--num-train", "4", "--num-val", "2"]))
+    assert "touching" not in train
+    assert not (tmp_path / "cache").exists()
+
+
+def test_config_with_other_classes_is_refused(compare_pq, tiny_pair, register_dataset):
+    register_dataset("test_compare_one_class_train", [], stuff_classes=["background", "cell"])
+    register_dataset("test_compare_one_class_val", [], stuff_classes=["background", "cell"])
+    args = compare_pq.get_parser().parse_args(
+        ["--dataset", "test_compare_one_class", "--config-file", str(QUICK)]
+    )
+    with pytest.raises(ValueError, match="2 classes but 6"):
+        compare_pq.run(args, "test_compare_one_class_train", "test_compare_one_class_val")
+
+
+def test_registered_dataset_maskattn_only(compare_pq, tiny_pair, tmp_path):
+    out = tmp_path / "out"
+    rows = compare_pq.main(
+        ["--dataset", tiny_pair, "--models", "maskattn", "--config-file", str(QUICK),
+         "--iters", "2", "--batch-size", "2", "--num-train", "999", "--threads", "1",
+         "--output-dir", str(out)]
+    )
+    assert [r["model"] for r in rows] == [
+        f"MaskAttn-UNet ({m.replace('_', ' ')})" for m in INSTANCE_METHODS
+    ]
+    for r in rows:
+        assert 0.0 <= r["PQ"] <= 100.0 and r["train_s"] > 0 and r["params_m"] > 0
+    table = (out / "compare_pq.md").read_text()
+    title = table.splitlines()[0]
+    assert title.startswith(f"# PQ on {tiny_pair} (") and "4 /" in title and ": 2 images" in title
+    assert "| PQ | **PQ_th** |" in table and "Panoptic-DeepLab" not in table
+    saved = json.loads((out / "compare_pq.json").read_text())
+    assert saved["datasets"] == [f"{tiny_pair}_train", f"{tiny_pair}_val"]
+    assert saved["args"]["models"] == ["maskattn"] and len(saved["rows"]) == len(rows)
