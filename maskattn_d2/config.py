@@ -170,5 +170,7 @@ def add_maskattn_config(cfg):
     # Also report the paper's protocol: PQ computed at NETWORK_SIZE (ground truth
     # downsampled with nearest), labelled "paper protocol" beside the standard numbers.
     cfg.TEST.PAPER_PROTOCOL = False
-    # Evaluators to run on panoptic datasets: subset of "panoptic", "instance", "semantic".
+    # Evaluators to run on panoptic datasets: subset of "panoptic", "instance", "semantic" and
+    # "matching_ap" (opt-in: the DSB 2018 competition metric, mean over IoU thresholds
+    # 0.5:0.05:0.95 of TP / (TP + FP + FN) per image, from the panoptic predictions).
     cfg.TEST.EVALUATORS = ["panoptic", "instance", "semantic"]

@@ -20,6 +20,9 @@ The Cityscapes evaluators need ``cityscapesscripts``; without it the instance on
 and the semantic ones fall back to detectron2's mIoU (PanopticSemSegEvaluator /
 SemSegEvaluator), with a warning. With ``cfg.TEST.PAPER_PROTOCOL`` the panoptic types also
 get PaperProtocolPanopticEvaluator (PQ at ``cfg.INPUT.NETWORK_SIZE``, its own results key).
+"matching_ap" in ``cfg.TEST.EVALUATORS`` (opt-in, not in the default list) adds
+MatchingAPEvaluator to the panoptic types: the DSB 2018 competition metric, mean over IoU
+thresholds 0.5:0.95 of TP / (TP + FP + FN) (results key "matching_ap").
 """
 import importlib.util
 import logging
@@ -37,6 +40,7 @@ from detectron2.evaluation import (
 
 from ..data.datasets import ensure_instances_json
 from .instance_seg import InstanceSegEvaluator
+from .matching_ap import MatchingAPEvaluator
 from .panoptic import PanopticEvaluator
 from .panoptic_semseg import PanopticSemSegEvaluator, load_sem_seg_gt
 from .paper_protocol import PaperProtocolPanopticEvaluator
@@ -48,7 +52,7 @@ logger = logging.getLogger(__name__)
 _COCO_PANOPTIC_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
 _PANOPTIC_TYPES = _COCO_PANOPTIC_TYPES + ("cityscapes_panoptic_seg",)
 _OTHER_TYPES = ("sem_seg", "cityscapes_sem_seg", "coco")
-_EVALUATOR_NAMES = ("panoptic", "instance", "semantic")
+_EVALUATOR_NAMES = ("panoptic", "instance", "semantic", "matching_ap")
 
 
 def build_evaluator(
@@ -91,6 +95,16 @@ def build_evaluator(
             f"'{evaluator_type}'; known types: {', '.join(_PANOPTIC_TYPES + _OTHER_TYPES)}"
         )
 
+    if "matching_ap" in requested:
+        if evaluator_type in _PANOPTIC_TYPES:
+            evaluators.append(MatchingAPEvaluator(dataset_name))
+        else:
+            logger.warning(
+                "TEST.EVALUATORS 'matching_ap' needs panoptic predictions and ground truth; "
+                "ignored for dataset '%s' of evaluator_type '%s'",
+                dataset_name,
+                evaluator_type,
+            )
     if cfg.TEST.PAPER_PROTOCOL:
         if evaluator_type in _PANOPTIC_TYPES:
             evaluators.append(

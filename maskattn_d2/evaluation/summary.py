@@ -14,6 +14,8 @@ _COLUMNS = (
     ("mIoU", "sem_seg", "mIoU"),
     ("pACC", "sem_seg", "pACC"),
     ("PQ paper protocol", "panoptic_seg_paper_protocol", "PQ"),
+    # DSB 2018 metric (opt-in evaluator "matching_ap"): mean over IoU 0.5:0.95 of TP/(TP+FP+FN)
+    ("matching mAP", "matching_ap", "mAP"),
 )
 
 

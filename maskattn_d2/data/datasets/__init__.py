@@ -15,6 +15,7 @@ from .panoptic_json import (
 )
 from .register_ade20k_panoptic import register_ade20k_panoptic
 from .register_coco_mini import COCO_MINI_NAME, register_coco_mini_panoptic
+from .register_dsb2018 import DSB2018_CATEGORIES, register_dsb2018_panoptic
 from .register_synthetic import (
     SYNTHETIC_PREFIX,
     TOUCHING_NUM_TRAIN,
@@ -27,6 +28,7 @@ from .validation import check_panoptic_dataset, read_image_checked, read_panopti
 
 __all__ = [
     "COCO_MINI_NAME",
+    "DSB2018_CATEGORIES",
     "SYNTHETIC_CATEGORIES",
     "SYNTHETIC_PREFIX",
     "TOUCHING_PREFIX",
@@ -42,6 +44,7 @@ __all__ = [
     "register_ade20k_panoptic",
     "register_all_maskattn_datasets",
     "register_coco_mini_panoptic",
+    "register_dsb2018_panoptic",
     "register_panoptic_dataset",
     "register_synthetic_panoptic",
     "render_scene",
@@ -54,9 +57,10 @@ def register_all_maskattn_datasets() -> None:
     Names: "maskattn_synthetic_panoptic_{train,val}" and the touching layout
     "maskattn_synthetic_touching_panoptic_{train,val}" (256 / 32 images; both generated into
     ``$MASKATTN_D2_CACHE`` on first use), "coco_mini_panoptic_val" (the 3-image COCO sample of
-    the repository) and "ade20k_panoptic_{train,val}" (under ``$DETECTRON2_DATASETS``). Paths
-    are resolved from the environment now (detectron2's evaluators read them from the
-    metadata) and again when a dataset is loaded; no file is read or written until then.
+    the repository), "ade20k_panoptic_{train,val}" and "dsb2018_panoptic_{train,val}" (both
+    under ``$DETECTRON2_DATASETS``; prepared by ``datasets/prepare_*.py``). Paths are resolved
+    from the environment now (detectron2's evaluators read them from the metadata) and again
+    when a dataset is loaded; no file is read or written until then.
     """
     register_synthetic_panoptic()
     register_synthetic_panoptic(
@@ -67,3 +71,4 @@ def register_all_maskattn_datasets() -> None:
     )
     register_coco_mini_panoptic()
     register_ade20k_panoptic()
+    register_dsb2018_panoptic()
