@@ -61,10 +61,16 @@ SCENES = {"things": scene_with_things, "stuff_only": scene_stuff_only, "void": s
 
 
 def write_panoptic_dataset(
-    root: Path, scenes: Sequence[str], *, name: Optional[str] = None, size: int = 32
+    root: Path,
+    scenes: Sequence[str],
+    *,
+    name: Optional[str] = None,
+    size: int = 32,
+    dataset_categories: Sequence[Dict] = CATEGORIES,
 ) -> Dict[str, str]:
     """Write images, panoptic PNGs, panoptic json and instances json for the named scenes
-    (keys of ``SCENES``); register the dataset as ``name`` if given. Returns the paths."""
+    (keys of ``SCENES``); register the dataset as ``name`` if given. Returns the paths.
+    ``dataset_categories`` (default ``CATEGORIES``) must include those the scenes use."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "panoptic").mkdir(exist_ok=True)
@@ -87,7 +93,7 @@ def write_panoptic_dataset(
                 ],
             }
         )
-    data = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    data = {"images": images, "annotations": annotations, "categories": list(dataset_categories)}
     (root / "panoptic.json").write_text(json.dumps(data))
     convert_panoptic_annotations(
         data, str(root / "panoptic"), instances_json=str(root / "instances.json")
@@ -99,7 +105,7 @@ def write_panoptic_dataset(
         "json_file": str(root / "instances.json"),
     }
     if name is not None:
-        register_panoptic_dataset(name, panoptic_metadata(CATEGORIES), paths)
+        register_panoptic_dataset(name, panoptic_metadata(dataset_categories), paths)
     return paths
 
 

@@ -1,5 +1,6 @@
 """The whole model on unusual data: images without annotations or without things train and
 evaluate; outputs come back at extreme original sizes (1x1, 2400x3200)."""
+import logging
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from maskattn_d2 import add_maskattn_config
 from maskattn_d2.engine import MaskAttnTrainer, adapt_config_to_device
 
 from .modeling.test_meta_arch import small_cfg
-from .panoptic_factory import NUM_CLASSES, unregister, write_panoptic_dataset
+from .panoptic_factory import CATEGORIES, NUM_CLASSES, unregister, write_panoptic_dataset
 from .test_train_net import TINY_MODEL
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-MaskAttn-UNet.yaml"
@@ -79,3 +80,56 @@ def test_trains_and_evaluates_with_void_and_stuff_only_images(unusual_dataset, t
     assert 0 <= results["sem_seg"]["mIoU"] <= 100
     assert 0 <= results["panoptic_seg"]["PQ"] <= 100
     assert (tmp_path / "out" / "model_final.pth").is_file()
+
+
+@pytest.fixture
+def stuff_classes_only_dataset(tmp_path):
+    """A dataset whose categories are all stuff (sky, grass): no thing class at all, so its
+    metadata has an empty thing_dataset_id_to_contiguous_id."""
+    name = "maskattn_test_stuff_classes_only"
+    stuff = [c for c in CATEGORIES if not c["isthing"]]
+    write_panoptic_dataset(
+        tmp_path / "data", ["stuff_only", "void", "stuff_only"], name=name, dataset_categories=stuff
+    )
+    yield name, len(stuff)
+    unregister([name])
+
+
+def test_dataset_with_only_stuff_classes_trains_and_evaluates(stuff_classes_only_dataset, tmp_path):
+    """Issue 11 item 2: the final evaluation used to raise "InstanceSegEvaluator needs
+    metadata 'thing_dataset_id_to_contiguous_id'"; the instance evaluator does not apply to a
+    dataset without thing classes and is skipped with one warning; PQ and mIoU are scored."""
+    name, num_classes = stuff_classes_only_dataset
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.merge_from_file(str(BASE_CONFIG))
+    cfg.merge_from_list(TINY_MODEL + [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(num_classes),
+        "INPUT.NETWORK_SIZE", "(32, 32)",
+        "DATASETS.TRAIN", f"('{name}',)",
+        "DATASETS.TEST", f"('{name}',)",
+        "SOLVER.MAX_ITER", "4",
+        "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "TEST.EVAL_PERIOD", "2",  # evaluated twice: still one warning
+        "OUTPUT_DIR", str(tmp_path / "out"),
+    ])
+    adapt_config_to_device(cfg)
+    trainer = MaskAttnTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # the loggers may not propagate to pytest's caplog
+    build_logger = logging.getLogger("maskattn_d2.evaluation.build")
+    build_logger.addHandler(handler)
+    try:
+        trainer.train()
+    finally:
+        build_logger.removeHandler(handler)
+    results = trainer._last_eval_results
+    assert "segm" not in results and "bbox" not in results
+    assert {"panoptic_seg", "sem_seg"} <= set(results)
+    assert 0 <= results["panoptic_seg"]["PQ_st"] <= 100
+    assert math.isnan(results["panoptic_seg"]["PQ_th"])
+    assert 0 <= results["sem_seg"]["mIoU"] <= 100
+    skipped = [r for r in records if "InstanceSegEvaluator" in r.getMessage()]
+    assert len(skipped) == 1 and name in skipped[0].getMessage()

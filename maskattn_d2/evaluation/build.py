@@ -5,7 +5,8 @@ evaluator_type                        evaluators (``cfg.TEST.EVALUATORS`` picks 
 ====================================  =======================================================
 coco_panoptic_seg,                    "panoptic": PanopticEvaluator
 ade20k_panoptic_seg                   "instance": InstanceSegEvaluator (skipped, with a
-                                      warning, when there is no instances json)
+                                      warning, when there is no instances json
+                                      or no thing class)
                                       "semantic": PanopticSemSegEvaluator
 cityscapes_panoptic_seg               "panoptic": PanopticEvaluator
                                       "instance": CityscapesInstanceEvaluator
@@ -148,8 +149,9 @@ def _coco_panoptic_evaluators(
     evaluators: List[DatasetEvaluator] = []
     if "panoptic" in requested:
         evaluators.append(PanopticEvaluator(dataset_name, output_folder))
-    if "instance" in requested and _ensure_instances_json(dataset_name) is not None:
-        evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_folder))
+    if "instance" in requested and _has_thing_classes(dataset_name):
+        if _ensure_instances_json(dataset_name) is not None:
+            evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_folder))
     if "semantic" in requested:
         evaluators.append(PanopticSemSegEvaluator(dataset_name, output_dir=output_folder))
     return evaluators
@@ -196,6 +198,30 @@ def _sem_seg_evaluator(dataset_name: str, output_folder: str) -> SemSegEvaluator
     return SemSegEvaluator(
         dataset_name, distributed=True, output_dir=output_folder, sem_seg_loading_fn=load_sem_seg_gt
     )
+
+
+# (dataset, evaluator) pairs already reported as skipped: one warning per process, not one
+# per evaluation (periodic evaluations rebuild the evaluators).
+_WARNED_SKIPS = set()
+
+
+def _has_thing_classes(dataset_name: str) -> bool:
+    """Whether the dataset has thing classes (instance AP applies); warns once if not.
+
+    A dataset of stuff classes only has an empty ``thing_dataset_id_to_contiguous_id``:
+    there is no instance to score, so the instance evaluator does not apply and is skipped
+    (its AP would be undefined), while PQ (PQ_th NaN) and mIoU are still computed.
+    """
+    if MetadataCatalog.get(dataset_name).get("thing_dataset_id_to_contiguous_id"):
+        return True
+    if (dataset_name, "instance") not in _WARNED_SKIPS:
+        _WARNED_SKIPS.add((dataset_name, "instance"))
+        logger.warning(
+            "Dataset '%s' has no thing class (metadata thing_dataset_id_to_contiguous_id is "
+            "empty): InstanceSegEvaluator (instance AP) does not apply and is skipped",
+            dataset_name,
+        )
+    return False
 
 
 def _ensure_instances_json(dataset_name: str) -> Optional[str]:
