@@ -1,5 +1,6 @@
 """Unusual and broken inputs on the data path: image modes and bit depths, extreme sizes,
 undecodable images, panoptic PNGs with ids their segments_info does not list."""
+import json
 import logging
 
 import cv2
@@ -130,3 +131,47 @@ def test_png_ids_missing_from_segments_info_are_void_with_a_warning(tmp_path, ca
     d["segments_info"] = [dict(s, category_id=1) for s in d["segments_info"]]
     with pytest.raises(ValueError, match=r"pan\.png.*ids \[9\].*does not list"):
         check_panoptic_dataset([d], read_files=True)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "1"])
+def test_greyscale_panoptic_png_is_refused_at_load_naming_the_file(tmp_path, mode):
+    """Issue 11 item 3: a one-channel panoptic PNG used to be read as grey * 65793 ids, so
+    training ran on 100 % void pixels (a warning per file) and evaluation crashed inside
+    panopticapi. The loader (first PNG), the mapper, the evaluators' reader and the audit
+    now refuse it with the file name."""
+    from maskattn_d2.data.datasets import load_panoptic_json, panoptic_metadata
+    from maskattn_d2.data.datasets.panoptic_conversion import read_panoptic_ids
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    record = sample(tmp_path, image, 8, 8)
+    grey = tmp_path / "pan.png"
+    Image.fromarray(np.array(Image.open(grey).convert("L"))).convert(mode).save(grey)
+    assert Image.open(grey).mode == mode
+    message = rf"{grey}.* mode '{mode}'"
+    with pytest.raises(ValueError, match=message):
+        mapper()(record)
+    with pytest.raises(ValueError, match=message):
+        read_panoptic_ids(str(grey))
+    with pytest.raises(ValueError, match=message):
+        check_panoptic_dataset([record], read_files=True)
+
+    categories = [{"id": 1, "name": "thing", "isthing": 1}, {"id": 2, "name": "stuff"}]
+    json_file = tmp_path / "panoptic.json"
+    json_file.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": image.name, "height": 8, "width": 8}],
+        "annotations": [{"image_id": 1, "file_name": grey.name, "segments_info": [
+            {"id": 5, "category_id": 2, "iscrowd": 0}, {"id": 9, "category_id": 1, "iscrowd": 0}
+        ]}],
+        "categories": categories,
+    }))
+    with pytest.raises(ValueError, match=message):
+        load_panoptic_json(str(json_file), str(tmp_path), str(tmp_path),
+                           panoptic_metadata(categories))
+    # An RGB, RGBA or palette PNG of the same ids is read as before.
+    ids = np.full((8, 8), 5, np.int32)
+    ids[:4, :4] = 9
+    rgb = Image.fromarray(id2rgb(ids))
+    for png in (rgb, rgb.convert("RGBA"), rgb.convert("P", palette=Image.Palette.ADAPTIVE)):
+        png.save(grey)
+        np.testing.assert_array_equal(read_panoptic_ids(str(grey)), ids)

@@ -16,6 +16,7 @@ from panopticapi.utils import rgb2id
 from PIL import Image
 
 from ..target_generator import panoptic_to_semantic
+from .validation import read_panoptic_png
 
 __all__ = [
     "build_directory_once",
@@ -38,10 +39,9 @@ def mask_bbox(mask: np.ndarray) -> List[int]:
 
 
 def read_panoptic_ids(png_file: str) -> np.ndarray:
-    """(H, W) int32 segment ids of a COCO panoptic PNG (RGB-encoded ids)."""
-    with Image.open(png_file) as img:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return rgb2id(rgb)
+    """(H, W) int32 segment ids of a COCO panoptic PNG (RGB-encoded ids); a PNG that is not
+    RGB (e.g. greyscale) raises ValueError naming it (see ``read_panoptic_png``)."""
+    return rgb2id(read_panoptic_png(png_file))
 
 
 def semantic_from_panoptic(

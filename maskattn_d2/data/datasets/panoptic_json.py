@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .validation import check_panoptic_dataset
+from .validation import check_panoptic_dataset, check_panoptic_png_mode
 
 __all__ = [
     "default_cache_dir",
@@ -165,6 +165,9 @@ def load_panoptic_json(
             record["sem_seg_file_name"] = os.path.join(sem_seg_root, ann["file_name"])
         dicts.append(record)
     check_panoptic_dataset(dicts, num_classes=len(stuff_map))
+    # A dataset written with greyscale PNGs would train on all-void targets: read the first
+    # PNG's header now (cheap) and fail naming it; the mapper checks every file it reads.
+    check_panoptic_png_mode(dicts[0]["pan_seg_file_name"])
     return dicts
 
 

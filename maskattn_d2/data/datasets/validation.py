@@ -16,6 +16,7 @@ from PIL import Image
 
 __all__ = [
     "check_panoptic_dataset",
+    "check_panoptic_png_mode",
     "check_segment_ids_in_png",
     "check_segments_info",
     "unlisted_segment_ids",
@@ -78,20 +79,56 @@ def read_image_checked(file_name: str, image_format: Optional[str] = None) -> np
         raise ValueError(f"Cannot decode image file {file_name}: {e}") from e
 
 
+# PIL modes a COCO panoptic PNG may have: 8-bit RGB, RGB + alpha (alpha ignored), or a
+# palette whose colours are the RGB encoding (some PNG optimisers write RGB that way).
+PANOPTIC_PNG_MODES = ("RGB", "RGBA", "P")
+
+
+def check_panoptic_png_mode(file_name: str, mode: Optional[str] = None) -> None:
+    """Raise ValueError naming ``file_name`` if its image mode cannot hold a panoptic PNG's
+    RGB id encoding (``mode``: the file's PIL mode if already known, else read from its
+    header, which is cheap)."""
+    if mode is None:
+        try:
+            with Image.open(file_name) as img:
+                mode = img.mode
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"Cannot decode panoptic PNG {file_name}: {e}") from e
+    if mode not in PANOPTIC_PNG_MODES:
+        raise ValueError(
+            f"Panoptic PNG {file_name} has image mode '{mode}' (a single channel, e.g. "
+            "greyscale), not RGB: a COCO panoptic PNG encodes segment id = R + 256 G + 256^2 B "
+            "(write it with Image.fromarray(panopticapi.utils.id2rgb(ids))). Read as RGB, "
+            "every pixel of this file would be void."
+        )
+
+
 def read_panoptic_png(file_name: str) -> np.ndarray:
     """The (H, W, 3) uint8 RGB encoding of a COCO panoptic PNG (``rgb2id`` gives the ids).
 
+    A panoptic PNG encodes segment ids as ``R + 256 G + 256^2 B``. A one-channel (greyscale,
+    16-bit, binary) PNG has no such encoding: PIL would copy its grey level to R, G and B,
+    turning every id into ``65793 * grey``, ids that no ``segments_info`` lists, so every
+    pixel would silently become void (and panopticapi's evaluation crashes on such a file).
+    It is refused.
+
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded.
+        ValueError: the file cannot be decoded, or is not an RGB / RGBA / palette PNG (the
+            message names the file and its mode).
     """
     if not os.path.isfile(file_name):
         raise FileNotFoundError(f"Panoptic annotation PNG not found: {file_name}")
     try:
-        with Image.open(file_name) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        img = Image.open(file_name)
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"Cannot decode panoptic PNG {file_name}: {e}") from e
+    with img:
+        check_panoptic_png_mode(file_name, img.mode)
+        try:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"Cannot decode panoptic PNG {file_name}: {e}") from e
 
 
 def check_segments_info(
