@@ -154,6 +154,31 @@ def test_nonfinite_loss_stops_training_and_keeps_last_checkpoint(tmp_path, monke
     assert all_finite(resumed.model.state_dict())
 
 
+def test_failed_final_evaluation_says_training_finished(tmp_path, monkeypatch):
+    """Issue 11 item 4: when the evaluation after the last iteration fails, the error says
+    that training finished and where model_final.pth is, and how to evaluate it again; not
+    "stopped at iteration ... nothing was saved ... rerun with --resume"."""
+
+    def failing_evaluation(cls, cfg, model, evaluators=None):
+        raise RuntimeError("the evaluator exploded")
+
+    monkeypatch.setattr(MaskAttnTrainer, "test", classmethod(failing_evaluation))
+    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0")
+    trainer = MaskAttnTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(TrainingError) as info:
+        trainer.train()
+    message = str(info.value)
+    final = tmp_path / "model_final.pth"
+    assert final.is_file() and torch.load(final, map_location="cpu")["iteration"] == 2
+    assert "Training finished all 3 iterations" in message
+    assert "RuntimeError: the evaluator exploded" in message
+    assert f"--eval-only MODEL.WEIGHTS {final}" in message
+    assert "stopped at iteration" not in message and "nothing was saved" not in message
+    assert "--resume" not in message
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
 # ------------------------------------------------------------------- atomic checkpoints
 def test_unreadable_checkpoint_error_names_the_file(tmp_path):
     """Truncated or corrupt checkpoints fail with an error that names the file and what to

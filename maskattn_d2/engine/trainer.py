@@ -34,8 +34,10 @@ _RESULT_HOOKS = (hooks.PeriodicCheckpointer, hooks.BestCheckpointer, hooks.EvalH
 
 
 class TrainingError(RuntimeError):
-    """Training stopped by an exception (chained as ``__cause__``); the message names the
-    iteration and the checkpoint to resume from."""
+    """Training stopped by an exception (chained as ``__cause__``). The message names the
+    iteration and the checkpoint to resume from when a step failed; when every iteration ran
+    and what failed came after them (the final evaluation), it says so and names
+    ``model_final.pth`` and how to evaluate it again."""
 
 
 def adapt_config_to_device(cfg):
@@ -190,6 +192,8 @@ class MaskAttnTrainer(DefaultTrainer):
     def train(self):
         try:
             return super().train()
+        except TrainingError:
+            raise
         except Exception as e:
             message = self._failure_message(e)
             logger.error(message)
@@ -207,6 +211,10 @@ class MaskAttnTrainer(DefaultTrainer):
 
     def _failure_message(self, error: Exception) -> str:
         first_line = str(error).splitlines()[0] if str(error) else ""
+        if self.iter >= self.max_iter:
+            # TrainerBase sets iter to max_iter only after the last step succeeded: the error
+            # came after training, from the final evaluation / results check (after_train).
+            return self._after_training_failure_message(error, first_line)
         if self.checkpointer.has_checkpoint():
             where = (
                 f"last good checkpoint: {self.checkpointer.get_checkpoint_file()}. Rerun with "
@@ -220,4 +228,20 @@ class MaskAttnTrainer(DefaultTrainer):
         return (
             f"Training stopped at iteration {self.iter} ({type(error).__name__}: {first_line}); "
             f"nothing was saved or evaluated after it; {where}."
+        )
+
+    def _after_training_failure_message(self, error: Exception, first_line: str) -> str:
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if os.path.isfile(final):
+            saved = (
+                f"the final weights are saved in {final}. Evaluate them again, once the cause "
+                f"is fixed, with --eval-only MODEL.WEIGHTS {final} (same config); no need to "
+                "train again"
+            )
+        else:
+            saved = f"no {final} was written by this process"
+        return (
+            f"Training finished all {self.max_iter} iterations, then the step after training "
+            f"failed (the final evaluation or the check of TEST.EXPECTED_RESULTS; "
+            f"{type(error).__name__}: {first_line}); {saved}."
         )
