@@ -124,5 +124,5 @@ class VisualizationDemo:
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
         images = model.preprocess_image([{"image": tensor}])
         features, gates = model.backbone.forward_with_gates(images)
-        embeddings = model.embed_head(features)[0].float()
+        embeddings = model.embed_head(features)["embeddings"][0].float()
         return embeddings, {name: g[0].float() for name, g in gates.items()}

@@ -107,17 +107,38 @@ def add_maskattn_config(cfg):
     cfg.MODEL.EMBED_HEAD.SAMPLES_PER_INSTANCE = 32
     # Cap on sampled pixels per image (memory: the loss builds a samples x samples matrix).
     cfg.MODEL.EMBED_HEAD.MAX_SAMPLES_PER_IMAGE = 512
+    # Spatial embeddings: the head also predicts each pixel's offset to its instance's centre
+    # (pixels) and a seed map (high at centres), used by INSTANCE_METHOD "spatial_embedding".
+    cfg.MODEL.EMBED_HEAD.SPATIAL_ON = True
+    # Weight of the L1 loss between predicted offsets and offsets to the instance centroid.
+    cfg.MODEL.EMBED_HEAD.OFFSET_LOSS_WEIGHT = 1.0
+    # Weight of the squared-error loss of the seed map (0 on background, a Gaussian bump per
+    # instance).
+    cfg.MODEL.EMBED_HEAD.SEED_LOSS_WEIGHT = 1.0
+    # Width of an instance's Gaussian seed target relative to its equivalent radius
+    # sqrt(area / pi) (> 0; at least one pixel); 0.5 puts exp(-2) = 0.14 at its rim.
+    cfg.MODEL.EMBED_HEAD.SEED_SIGMA_SCALE = 0.5
 
     # ------------------------------------------------------------ postprocessing
     cfg.MODEL.MASK_ATTN_POSTPROCESS = CN()
-    # How thing pixels become instances: "embedding" (cluster the pixel embeddings) or
-    # "connected_components" (the paper's official inference: connected components of
-    # the semantic map, per thing class).
-    cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = "embedding"
-    # Cosine similarity to a cluster's centre (the refined mean of its seed's neighbours) above
-    # which a pixel joins the cluster, in (-1, 1); seeds closer than it are merged (on the
-    # synthetic default: PQ 82.3 at 0.7, 86.4 at 0.8, 87.9 at 0.9, 85.3 at 0.95).
+    # How thing pixels become instances: "spatial_embedding" (seeds of the seed map; every
+    # pixel joins the seed nearest to where its offset points, inside its semantic connected
+    # component; needs EMBED_HEAD.SPATIAL_ON), "embedding" (cluster the learned pixel
+    # embeddings by cosine similarity) or "connected_components" (the paper's official
+    # inference: connected components of the semantic map, per thing class).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = "spatial_embedding"
+    # "embedding": cosine similarity to a cluster's centre (the refined mean of its seed's
+    # neighbours) above which a pixel joins the cluster, in (-1, 1); closer seeds are merged.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.SIMILARITY_THRESHOLD = 0.9
+    # "spatial_embedding": least seed-map value of a seed (a local maximum), in [0, 1).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_THRESHOLD = 0.5
+    # "spatial_embedding": a seed whose offset-pointed centre lies closer than this many
+    # pixels (network resolution) to a stronger seed's is dropped (>= 0): one seed per centre.
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_MIN_DISTANCE = 2.0
+    # "spatial_embedding": weight, in squared pixels, of the learned embeddings' cosine
+    # distance (1 - cos) added to the squared distance between offset-pointed centres when a
+    # pixel picks its seed (>= 0; 0 uses the spatial embedding alone).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.EMBEDDING_WEIGHT = 0.0
     # Instances smaller than this many pixels (at network resolution) are dropped.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.MIN_INSTANCE_AREA = 8
     # Most instances kept per image (highest scores first).

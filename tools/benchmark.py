@@ -210,16 +210,17 @@ class MaskAttnRunner(Runner):
 
     def postprocess(self, outputs, image_size: Tuple[int, int]):
         model = self.model
+        sem_logits, head_outputs = outputs
         return [
             model.postprocessor(
                 logits.float(),
-                embeddings.float(),
+                {name: value[i].float() for name, value in head_outputs.items()},
                 image_size,
                 semantic_on=model.semantic_on,
                 instance_on=model.instance_on,
                 panoptic_on=model.panoptic_on,
             )
-            for logits, embeddings in zip(*outputs)
+            for i, logits in enumerate(sem_logits)
         ]
 
     def training_loss(self, scenes) -> torch.Tensor:

@@ -5,8 +5,15 @@ Both are vectorised torch code (no per-pixel Python loops) that runs on CPU and 
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["cluster_embeddings", "connected_components", "label_map_components"]
+__all__ = [
+    "assign_to_seeds",
+    "cluster_embeddings",
+    "connected_components",
+    "find_seeds",
+    "label_map_components",
+]
 
 
 def _greedy_suppression(denser: torch.Tensor, sweeps: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -316,3 +323,73 @@ def label_map_components(
     edge = torch.nonzero(same & inside.index_select(0, u) & inside.index_select(0, v)).squeeze(1)
     parent = _component_maxima(h * w, u.index_select(0, edge), v.index_select(0, edge))
     return _number_components(parent, inside).view(h, w)
+
+
+def find_seeds(
+    seed_map: torch.Tensor, allowed: torch.Tensor, *, threshold: float, max_seeds: int,
+    kernel_size: int = 3,
+) -> torch.Tensor:
+    """
+    Seeds: local maxima of a seed map (max-pooling non-maximum suppression, as
+    Panoptic-DeepLab finds centres) on allowed pixels, above a threshold, the strongest first.
+
+    Args:
+        seed_map: (h, w) float seed (centre-ness) map.
+        allowed: (h, w) bool, pixels that may be seeds.
+        threshold: least seed value of a seed.
+        max_seeds: most seeds returned.
+        kernel_size: odd size of the max-pooling window.
+
+    Returns:
+        (S,) int64 flat indices of the seeds, by decreasing seed value (ties: raster order).
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}.")
+    masked = torch.where(allowed, seed_map, torch.full_like(seed_map, -1.0))
+    pooled = F.max_pool2d(masked[None, None], kernel_size, stride=1, padding=kernel_size // 2)
+    # Plateaus (equal neighbouring maxima) would give several seeds: keep the first in raster
+    # order by breaking ties with a tiny decreasing ramp.
+    flat = masked.flatten()
+    peaks = allowed.flatten() & (flat >= pooled.flatten()) & (flat > threshold)
+    candidates = torch.nonzero(peaks).squeeze(1)
+    values = flat.index_select(0, candidates)
+    order = torch.argsort(values, descending=True, stable=True)[:max_seeds]
+    seeds = candidates.index_select(0, order)
+    if seeds.numel() > 1:
+        # Equal maxima next to each other are both peaks: keep the first of such a pair.
+        h, w = seed_map.shape
+        ys, xs = seeds // w, seeds % w
+        near = ((ys[:, None] - ys[None, :]).abs() <= kernel_size // 2) & (
+            (xs[:, None] - xs[None, :]).abs() <= kernel_size // 2
+        )
+        earlier_twin = (near & (values.index_select(0, order)[:, None]
+                                == values.index_select(0, order)[None, :])).tril(diagonal=-1)
+        seeds = seeds[~earlier_twin.any(dim=1)]
+    return seeds
+
+
+def assign_to_seeds(
+    points: torch.Tensor,
+    point_groups: torch.Tensor,
+    seed_points: torch.Tensor,
+    seed_groups: torch.Tensor,
+) -> torch.Tensor:
+    """
+    Each point joins the nearest seed (squared Euclidean distance) of its own group.
+
+    Args:
+        points: (N, E) float embeddings of the points.
+        point_groups: (N,) int64 group of each point (e.g. its connected component).
+        seed_points: (S, E) float embeddings of the seeds.
+        seed_groups: (S,) int64 group of each seed.
+
+    Returns:
+        (N,) int64 seed index in [0, S), or -1 where the point's group has no seed.
+    """
+    if seed_points.shape[0] == 0:
+        return torch.full_like(point_groups, -1)
+    distance = torch.cdist(points, seed_points).square_()
+    other_group = point_groups[:, None] != seed_groups[None, :]
+    distance.masked_fill_(other_group, float("inf"))
+    best, nearest = distance.min(dim=1)
+    return torch.where(torch.isfinite(best), nearest, -1)

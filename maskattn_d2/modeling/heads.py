@@ -30,8 +30,11 @@ features.
 
 The registered object is called with ``obj(cfg, input_shape)``, where ``input_shape`` is
 the backbone's ``output_shape()`` (Dict[str, ShapeSpec]). It must return an ``nn.Module``
-whose ``forward(features: Dict[str, Tensor])`` returns (B, D, H, W) embeddings, with
-D = ``cfg.MODEL.EMBED_HEAD.EMBED_DIM``, L2-normalised along dim 1.
+whose ``forward(features: Dict[str, Tensor])`` returns a dict with ``"embeddings"``:
+(B, D, H, W), D = ``cfg.MODEL.EMBED_HEAD.EMBED_DIM``, L2-normalised along dim 1, and, when it
+predicts spatial embeddings, ``"offsets"``: (B, 2, H, W) (dy, dx) from each pixel to the centre
+of its instance in pixels, and ``"seed_logits"``: (B, 1, H, W) logits of the seed
+(centre-ness) map.
 """
 
 
@@ -119,7 +122,14 @@ class MaskAttnSemSegHead(nn.Module):
 
 @EMBED_HEAD_REGISTRY.register()
 class MaskAttnEmbedHead(nn.Module):
-    """Embedding head: one backbone feature -> (B, D, H_f, W_f) unit-norm pixel embeddings."""
+    """Embedding head: one backbone feature -> unit-norm pixel embeddings and, optionally,
+    spatial embeddings (offsets to the instance centre and a seed map), from one shared conv.
+
+    The spatial part follows Neven et al. (CVPR 2019) and Panoptic-DeepLab: a pixel's offset
+    points at the centre of its instance, so ``position + offset`` is an embedding in which
+    the pixels of one instance gather at one point whatever the instance looks like; the seed
+    map is high at instance centres and picks one seed per instance at inference.
+    """
 
     # Lower bound on the norm before dividing; large enough to stay non-zero in fp16.
     EPS = 1e-6
@@ -134,6 +144,7 @@ class MaskAttnEmbedHead(nn.Module):
         convs_dim: int = 64,
         norm: str = "BN",
         coord_conv: bool = True,
+        spatial: bool = False,
     ):
         """
         Args:
@@ -146,16 +157,27 @@ class MaskAttnEmbedHead(nn.Module):
                 Convolutions are translation-equivariant, so without position two identical
                 objects at different places get the same embedding and merge into one
                 cluster; with it the head can make embeddings position-dependent.
+            spatial: also predict "offsets" (to the instance centre, in pixels) and
+                "seed_logits".
         """
         super().__init__()
         shape = _check_in_feature(input_shape, in_feature)
         self.in_feature = in_feature
         self.embed_dim = embed_dim
         self.coord_conv = coord_conv
+        self.spatial = spatial
         in_channels = shape.channels + (2 if coord_conv else 0)
         self.head = _ConvPredictor(in_channels, embed_dim, convs_dim, norm)
         # Embeddings are normalised, so the predictor's tiny init would only slow learning.
         nn.init.kaiming_normal_(self.head.predictor.weight, mode="fan_in", nonlinearity="linear")
+        if spatial:
+            # Offsets and seed read the same hidden features; they start at zero offset and a
+            # seed map of sigmoid(0) = 0.5 everywhere.
+            self.offset_predictor = nn.Conv2d(convs_dim, 2, kernel_size=1)
+            self.seed_predictor = nn.Conv2d(convs_dim, 1, kernel_size=1)
+            for layer in (self.offset_predictor, self.seed_predictor):
+                nn.init.normal_(layer.weight, std=0.001)
+                nn.init.zeros_(layer.bias)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -167,20 +189,28 @@ class MaskAttnEmbedHead(nn.Module):
             "convs_dim": h.CONVS_DIM,
             "norm": h.NORM,
             "coord_conv": h.COORD_CONV,
+            "spatial": h.SPATIAL_ON,
         }
 
-    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """
         Args:
             features: backbone outputs; ``features[in_feature]`` is (B, C, H_f, W_f).
 
         Returns:
-            (B, embed_dim, H_f, W_f) embeddings with unit L2 norm along dim 1.
+            ``"embeddings"``: (B, embed_dim, H_f, W_f) with unit L2 norm along dim 1; with
+            ``spatial``, ``"offsets"``: (B, 2, H_f, W_f) (dy, dx) in pixels and
+            ``"seed_logits"``: (B, 1, H_f, W_f) (the seed map is their sigmoid).
         """
         x = features[self.in_feature]
         if self.coord_conv:
             x = torch.cat([x, coordinate_channels(x)], dim=1)
-        return F.normalize(self.head(x), dim=1, eps=self.EPS)
+        hidden = self.head.conv(x)
+        outputs = {"embeddings": F.normalize(self.head.predictor(hidden), dim=1, eps=self.EPS)}
+        if self.spatial:
+            outputs["offsets"] = self.offset_predictor(hidden)
+            outputs["seed_logits"] = self.seed_predictor(hidden)
+        return outputs
 
 
 def coordinate_channels(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ __all__ = [
     "instance_contrastive_loss",
     "sample_instance_pixels",
     "gate_loss",
+    "instance_centres",
+    "spatial_embedding_losses",
 ]
 
 
@@ -330,6 +332,123 @@ def instance_contrastive_loss(
     if losses.numel() == 0:
         return embeddings.sum() * 0
     return losses.mean()
+
+
+def instance_centres(instance_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Centroid and equivalent radius of every pixel's instance, for a batch of instance maps.
+
+    Args:
+        instance_ids: (B, H, W) int64; 0 = no instance, k >= 1 = instance k of that image.
+
+    Returns:
+        centres: (B, 2, H, W) float (y, x) centroid of the pixel's instance, in pixels (0 where
+            there is no instance);
+        radius: (B, H, W) float ``sqrt(area / pi)`` of the pixel's instance (0 where none).
+    """
+    if instance_ids.dim() != 3:
+        raise ValueError(
+            f"instance_ids must have shape (B, H, W), got {tuple(instance_ids.shape)}."
+        )
+    b, h, w = instance_ids.shape
+    device = instance_ids.device
+    ids = instance_ids.clamp(min=0)
+    # One id space for the whole batch: image i's instance k is i * stride + k.
+    stride = int(ids.max()) + 1 if ids.numel() else 1
+    flat = (ids + torch.arange(b, device=device).view(b, 1, 1) * stride).flatten()
+    ys = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1).expand(b, h, w)
+    xs = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w).expand(b, h, w)
+    coords = torch.stack([ys.flatten(), xs.flatten()], dim=1)
+    num_ids = b * stride
+    sums = coords.new_zeros(num_ids, 2).index_add_(0, flat, coords)
+    areas = torch.bincount(flat, minlength=num_ids).float()
+    centre_of_id = sums / areas.clamp(min=1)[:, None]
+    inside = (ids > 0).flatten()
+    centres = torch.where(inside[:, None], centre_of_id.index_select(0, flat), 0.0)
+    radius = torch.where(inside, (areas / math.pi).sqrt().index_select(0, flat), 0.0)
+    return centres.view(b, h, w, 2).permute(0, 3, 1, 2), radius.view(b, h, w)
+
+
+def spatial_embedding_losses(
+    offsets: torch.Tensor,
+    seed_logits: torch.Tensor,
+    instance_ids: torch.Tensor,
+    ignore_mask: torch.Tensor,
+    *,
+    seed_sigma_scale: float = 0.5,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Losses of the spatial embeddings: offsets to the instance centre and the seed map.
+
+    - Offsets: mean over instance pixels of the L1 distance between the predicted offset and
+      ``centroid - position`` (pixels), as Panoptic-DeepLab's offset loss.
+    - Seeds: the target is ``exp(-d^2 / (2 sigma^2))`` on instance pixels, d the distance to
+      the instance's centroid and ``sigma = seed_sigma_scale * sqrt(area / pi)`` (at least one
+      pixel), so every instance, small or large, peaks at 1 in its centre and falls to
+      ``exp(-1 / (2 seed_sigma_scale^2))`` at its rim; 0 elsewhere (SpatialEmbeddings' seed
+      map with a fixed bandwidth). Binary cross-entropy with these soft targets (its gradient
+      does not vanish where the sigmoid saturates, unlike a squared error of the sigmoid),
+      averaged over instance pixels and over the other valid pixels separately and summed, so
+      that the few instance pixels weigh as much as the background.
+
+    Args:
+        offsets: (B, 2, H, W) predicted (dy, dx) in pixels.
+        seed_logits: (B, 1, H, W) predicted logits of the seed map.
+        instance_ids: (B, H, W) int64; 0 = no instance, k >= 1 = instance k.
+        ignore_mask: (B, H, W) bool, pixels that supervise neither map (void, crowd, thing
+            pixels of instances too small to keep).
+        seed_sigma_scale: sigma of the seed target relative to the instance's equivalent
+            radius (> 0).
+
+    Returns:
+        (offset loss, seed loss), scalar tensors (a term without pixels is 0 and keeps the
+        graph).
+    """
+    if (
+        offsets.dim() != 4
+        or offsets.shape[1] != 2
+        or seed_logits.dim() != 4
+        or seed_logits.shape[1] != 1
+    ):
+        raise ValueError(
+            f"offsets must be (B, 2, H, W) and seed_logits (B, 1, H, W), got "
+            f"{tuple(offsets.shape)} and {tuple(seed_logits.shape)}."
+        )
+    if offsets.shape[2:] != instance_ids.shape[1:] or ignore_mask.shape != instance_ids.shape:
+        raise ValueError(
+            f"offsets {tuple(offsets.shape)}, instance_ids {tuple(instance_ids.shape)} and "
+            f"ignore_mask {tuple(ignore_mask.shape)} disagree on the spatial size."
+        )
+    if seed_sigma_scale <= 0:
+        raise ValueError(f"seed_sigma_scale must be > 0, got {seed_sigma_scale}.")
+    offsets, seed_logits = offsets.float(), seed_logits.float()[:, 0]
+    centres, radius = instance_centres(instance_ids)
+    h, w = instance_ids.shape[1:]
+    device = offsets.device
+    position = torch.stack(
+        torch.meshgrid(
+            torch.arange(h, device=device, dtype=torch.float32),
+            torch.arange(w, device=device, dtype=torch.float32),
+            indexing="ij",
+        )
+    )
+    inside = (instance_ids > 0).float()
+    background = (instance_ids <= 0).float() * (~ignore_mask.bool()).float()
+    to_centre = centres - position
+    sigma = (seed_sigma_scale * radius).clamp(min=1.0)
+    target = torch.exp(-(to_centre**2).sum(dim=1) / (2 * sigma**2))
+    # Masked means as sums over clamped counts: no host sync, and 0 where nothing counts.
+    offset_loss = ((offsets - to_centre).abs().sum(dim=1) * inside).sum() / inside.sum().clamp(
+        min=1
+    )
+    # Instance pixels against their Gaussian target, the other valid pixels against 0.
+    seed_error = F.binary_cross_entropy_with_logits(
+        seed_logits, target * inside, reduction="none"
+    )
+    seed_loss = (seed_error * inside).sum() / inside.sum().clamp(min=1) + (
+        seed_error * background
+    ).sum() / background.sum().clamp(min=1)
+    return offset_loss, seed_loss
 
 
 def gate_loss(

@@ -14,7 +14,12 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 
 from .heads import build_embed_head
-from .losses import gate_loss, instance_contrastive_loss, semantic_loss
+from .losses import (
+    gate_loss,
+    instance_contrastive_loss,
+    semantic_loss,
+    spatial_embedding_losses,
+)
 from .postprocessing import MaskAttnPostProcessor
 
 __all__ = ["MaskAttnUNet", "thing_ids_from_metadata"]
@@ -79,6 +84,9 @@ class MaskAttnUNet(nn.Module):
         samples_per_instance: int = 32,
         max_samples_per_image: int = 512,
         gate_loss_weight: float = 0.0,
+        offset_loss_weight: float = 0.0,
+        seed_loss_weight: float = 0.0,
+        seed_sigma_scale: float = 0.5,
         semantic_on: bool = True,
         instance_on: bool = True,
         panoptic_on: bool = True,
@@ -87,7 +95,8 @@ class MaskAttnUNet(nn.Module):
         Args:
             backbone: a UNet backbone with ``forward_with_gates(x) -> (features, gates)``.
             sem_seg_head: features -> (B, num_classes, h, w) logits.
-            embed_head: features -> (B, D, h, w) L2-normalised embeddings.
+            embed_head: features -> {"embeddings": (B, D, h, w) L2-normalised, and with
+                spatial embeddings "offsets" (B, 2, h, w), "seed_logits" (B, 1, h, w)}.
             postprocessor: turns one image's logits and embeddings into standard outputs.
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             network_size: (h, w) every image is resized to.
@@ -99,6 +108,9 @@ class MaskAttnUNet(nn.Module):
                 instance contrastive loss (lambda, tau, sampling), see
                 :func:`instance_contrastive_loss`; weight 0 disables it.
             gate_loss_weight: weight of the gate supervision; 0 disables it.
+            offset_loss_weight, seed_loss_weight, seed_sigma_scale: losses of the spatial
+                embeddings (when the embedding head predicts them), see
+                :func:`spatial_embedding_losses`.
             semantic_on, instance_on, panoptic_on: which outputs inference returns.
         """
         super().__init__()
@@ -128,6 +140,9 @@ class MaskAttnUNet(nn.Module):
         self.samples_per_instance = samples_per_instance
         self.max_samples_per_image = max_samples_per_image
         self.gate_loss_weight = gate_loss_weight
+        self.offset_loss_weight = offset_loss_weight
+        self.seed_loss_weight = seed_loss_weight
+        self.seed_sigma_scale = seed_sigma_scale
         self.semantic_on = semantic_on
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
@@ -152,6 +167,9 @@ class MaskAttnUNet(nn.Module):
                 thing_ids=thing_ids,
                 instance_method=post.INSTANCE_METHOD,
                 similarity_threshold=post.SIMILARITY_THRESHOLD,
+                seed_threshold=post.SEED_THRESHOLD,
+                seed_min_distance=post.SEED_MIN_DISTANCE,
+                embedding_weight=post.EMBEDDING_WEIGHT,
                 min_instance_area=post.MIN_INSTANCE_AREA,
                 max_instances=post.MAX_INSTANCES,
                 stuff_area=post.STUFF_AREA,
@@ -171,6 +189,9 @@ class MaskAttnUNet(nn.Module):
             "samples_per_instance": embed.SAMPLES_PER_INSTANCE,
             "max_samples_per_image": embed.MAX_SAMPLES_PER_IMAGE,
             "gate_loss_weight": cfg.MODEL.MASK_ATTN.GATE_LOSS_WEIGHT,
+            "offset_loss_weight": embed.OFFSET_LOSS_WEIGHT,
+            "seed_loss_weight": embed.SEED_LOSS_WEIGHT,
+            "seed_sigma_scale": embed.SEED_SIGMA_SCALE,
             "semantic_on": post.SEMANTIC_ON,
             "instance_on": post.INSTANCE_ON,
             "panoptic_on": post.PANOPTIC_ON,
@@ -198,16 +219,32 @@ class MaskAttnUNet(nn.Module):
                 top_k_percent_pixels=self.top_k_percent_pixels,
             )
         }
-        if self.embed_loss_weight > 0:  # else the embedding head stays out of the graph (DDP)
-            embeddings = self.embed_head(features)
+        spatial_weights = self.offset_loss_weight + self.seed_loss_weight
+        if self.embed_loss_weight > 0 or spatial_weights > 0:
+            # else the embedding head stays out of the graph (DDP)
+            head_outputs = self.embed_head(features)
             instance_ids = self._stack_target(batched_inputs, "instance_ids")
             losses["loss_embed"] = self.embed_loss_weight * instance_contrastive_loss(
-                embeddings.float(),
+                head_outputs["embeddings"].float(),
                 instance_ids,
                 temperature=self.temperature,
                 samples_per_instance=self.samples_per_instance,
                 max_samples_per_image=self.max_samples_per_image,
             )
+            if "offsets" in head_outputs and spatial_weights > 0:
+                # Void, crowd and dropped tiny instances teach the seed map nothing.
+                ignore = (sem_target == self.ignore_value) | (
+                    torch.isin(sem_target, self.thing_ids) & (instance_ids == 0)
+                )
+                offset_loss, seed_loss = spatial_embedding_losses(
+                    head_outputs["offsets"],
+                    head_outputs["seed_logits"],
+                    instance_ids,
+                    ignore,
+                    seed_sigma_scale=self.seed_sigma_scale,
+                )
+                losses["loss_offset"] = self.offset_loss_weight * offset_loss
+                losses["loss_seed"] = self.seed_loss_weight * seed_loss
         if self.gate_loss_weight > 0 and gates:
             thing_mask = torch.isin(sem_target, self.thing_ids)
             losses["loss_gate"] = self.gate_loss_weight * gate_loss(
@@ -224,21 +261,22 @@ class MaskAttnUNet(nn.Module):
             if ``do_postprocess``: a list of dicts with ``"sem_seg"`` (K,H,W) probabilities,
             ``"instances"`` and ``"panoptic_seg"`` (ids (H,W) int32, segments_info), at each
             image's ``height``/``width`` (default: its input size); otherwise the raw
-            ``(sem_logits (B,K,h,w), embeddings (B,D,h,w))`` at network resolution.
+            ``(sem_logits (B,K,h,w), embedding head outputs {name: (B,C,h,w)})`` at network
+            resolution.
         """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images)
         sem_logits = self.sem_seg_head(features).float()
-        embeddings = self.embed_head(features).float()
+        head_outputs = {k: v.float() for k, v in self.embed_head(features).items()}
         if not do_postprocess:
-            return sem_logits, embeddings
+            return sem_logits, head_outputs
         results = []
-        for logits, embed, inputs in zip(sem_logits, embeddings, batched_inputs):
+        for i, (logits, inputs) in enumerate(zip(sem_logits, batched_inputs)):
             height = inputs.get("height", inputs["image"].shape[-2])
             width = inputs.get("width", inputs["image"].shape[-1])
             out = self.postprocessor(
                 logits,
-                embed,
+                {k: v[i] for k, v in head_outputs.items()},
                 (int(height), int(width)),
                 semantic_on=self.semantic_on,
                 instance_on=self.instance_on,

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
-from .clustering import cluster_embeddings, label_map_components
+from .clustering import (
+    _greedy_suppression,
+    assign_to_seeds,
+    cluster_embeddings,
+    find_seeds,
+    label_map_components,
+)
 
 __all__ = [
     "MaskAttnPostProcessor",
@@ -23,7 +29,7 @@ __all__ = [
     "masks_to_boxes",
 ]
 
-INSTANCE_METHODS = ("embedding", "connected_components")
+INSTANCE_METHODS = ("spatial_embedding", "embedding", "connected_components")
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -274,6 +280,95 @@ def _connected_component_instance_map(
     return instance_map, classes, _mean_class_probability(instance_map, probs, classes)
 
 
+def _spatial_instance_map(
+    sem: torch.Tensor,
+    probs: torch.Tensor,
+    head_outputs: Dict[str, torch.Tensor],
+    is_thing: torch.Tensor,
+    *,
+    seed_threshold: float,
+    seed_min_distance: float,
+    embedding_weight: float,
+    min_instance_area: int,
+    max_instances: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Instances from the spatial embeddings, grouped inside the semantic components.
+
+    1. The thing pixels are split into connected components of equal semantic class
+       (8-connected), so an instance never spans two classes or two separate blobs.
+    2. Seeds are the local maxima of the seed map above ``seed_threshold`` on thing pixels
+       (:func:`find_seeds`), at most ``max_instances``. A flat or noisy top gives one
+       instance several maxima whose offsets point at the same place: a seed whose spatial
+       embedding lies within ``seed_min_distance`` pixels of a stronger seed's is dropped
+       (greedy suppression, strongest first).
+    3. Every thing pixel's spatial embedding is ``position + offset`` (where it points the
+       centre of its instance is); it joins the seed of its component whose embedding is
+       nearest (:func:`assign_to_seeds`). With ``embedding_weight`` > 0 the learned
+       embeddings join the distance: ``w * (1 - cosine)`` is added, in squared pixels.
+    4. A component without a seed becomes one instance (as connected components would).
+
+    Returns:
+        (h * w,) int64 instance map in [-1, M), classes (M,) int64 and scores (M,) float: the
+        mean probability of the instance's class times its seed value (for seedless
+        components, the largest seed value in them).
+    """
+    h, w = sem.shape
+    device = sem.device
+    offsets, seed_map = head_outputs["offsets"], torch.sigmoid(head_outputs["seed_logits"][0])
+    thing = is_thing.index_select(0, sem.flatten()).view(h, w)
+    components = label_map_components(sem, thing, connectivity=8).flatten()
+    seeds = find_seeds(seed_map, thing, threshold=seed_threshold, max_seeds=max_instances)
+    thing_pixels = torch.nonzero(thing.flatten()).squeeze(1)
+    ys = torch.div(thing_pixels, w, rounding_mode="floor").float()
+    xs = (thing_pixels % w).float()
+    spatial = torch.stack([ys, xs], dim=1) + offsets.flatten(1).index_select(1, thing_pixels).t()
+    # Seeds are thing pixels: their rows in ``spatial`` by a lookup of flat index -> row.
+    row_of_pixel = torch.full((h * w,), -1, dtype=torch.long, device=device)
+    row_of_pixel[thing_pixels] = torch.arange(thing_pixels.numel(), device=device)
+    seed_rows = row_of_pixel.index_select(0, seeds)
+    if seeds.numel() > 1 and seed_min_distance > 0:
+        seed_spatial = spatial.index_select(0, seed_rows)
+        stronger_close = (torch.cdist(seed_spatial, seed_spatial) < seed_min_distance).tril_(-1)
+        # Undecided after the sweeps (long chains of close seeds): dropped, like suppressed.
+        kept, _ = _greedy_suppression(stronger_close.float(), sweeps=8)
+        seeds, seed_rows = seeds[kept], seed_rows[kept]
+    points, seed_points = spatial, spatial.index_select(0, seed_rows)
+    if embedding_weight > 0:
+        # Squared distance of unit vectors is 2 (1 - cosine): scaling by sqrt(w / 2) adds
+        # w (1 - cosine) to the squared spatial distance.
+        learned = head_outputs["embeddings"].flatten(1).index_select(1, thing_pixels).t()
+        learned = F.normalize(learned.float(), dim=1) * (embedding_weight / 2) ** 0.5
+        points = torch.cat([spatial, learned], dim=1)
+        seed_points = points.index_select(0, seed_rows)
+    point_groups = components.index_select(0, thing_pixels)
+    seed_of_point = assign_to_seeds(
+        points, point_groups, seed_points, point_groups.index_select(0, seed_rows)
+    )
+    num_seeds = seeds.numel()
+    # Seedless components become instances num_seeds + (their component label).
+    label = torch.where(seed_of_point >= 0, seed_of_point, num_seeds + point_groups)
+    num_labels = num_seeds + int(components.max()) + 1 if components.numel() else num_seeds
+    areas = torch.bincount(label, minlength=num_labels)
+    keep = areas >= max(min_instance_area, 1)
+    new_index = torch.where(keep, torch.cumsum(keep, dim=0) - 1, -1)
+    instance_map = torch.full((h * w,), -1, dtype=torch.long, device=device)
+    instance_map.index_copy_(0, thing_pixels, new_index.index_select(0, label))
+    sem_flat = sem.flatten()
+    # Every pixel of an instance has its component's class.
+    classes = torch.zeros(num_labels, dtype=torch.long, device=device).index_copy_(
+        0, label, sem_flat.index_select(0, thing_pixels)
+    )[keep]
+    seed_values = seed_map.flatten()
+    label_seed = torch.zeros(num_labels, dtype=seed_values.dtype, device=device)
+    label_seed = label_seed.scatter_reduce(
+        0, label, seed_values.index_select(0, thing_pixels), "amax", include_self=True
+    )
+    label_seed[:num_seeds] = seed_values.index_select(0, seeds)
+    mean_prob = _mean_class_probability(instance_map, probs, classes)
+    return instance_map, classes, mean_prob * label_seed[keep]
+
+
 def connected_component_instances(
     sem: torch.Tensor,
     probs: torch.Tensor,
@@ -514,8 +609,11 @@ class MaskAttnPostProcessor:
         *,
         num_classes: int,
         thing_ids: Sequence[int],
-        instance_method: str = "embedding",
-        similarity_threshold: float = 0.7,
+        instance_method: str = "spatial_embedding",
+        similarity_threshold: float = 0.9,
+        seed_threshold: float = 0.5,
+        seed_min_distance: float = 2.0,
+        embedding_weight: float = 0.0,
         min_instance_area: int = 8,
         max_instances: int = 100,
         stuff_area: int = 16,
@@ -526,9 +624,16 @@ class MaskAttnPostProcessor:
         Args:
             num_classes: K, number of contiguous classes (stuff + things).
             thing_ids: contiguous ids of the thing classes, each in [0, K).
-            instance_method: "embedding" (cluster the pixel embeddings) or
-                "connected_components" (8-connected components of the semantic map per class).
-            similarity_threshold: cosine similarity to join a cluster, in (-1, 1).
+            instance_method: "spatial_embedding" (seeds and offsets to the instance centre,
+                inside the semantic components), "embedding" (cluster the learned pixel
+                embeddings by cosine similarity) or "connected_components" (8-connected
+                components of the semantic map per class).
+            similarity_threshold: "embedding": cosine similarity to join a cluster, in (-1, 1).
+            seed_threshold: "spatial_embedding": least seed value of a seed, in [0, 1).
+            seed_min_distance: "spatial_embedding": a seed whose offset-pointed centre is
+                closer than this (pixels) to a stronger seed's is dropped (>= 0).
+            embedding_weight: "spatial_embedding": weight (squared pixels) of the learned
+                embeddings' cosine distance beside the spatial distance; 0 ignores them.
             min_instance_area: instances with fewer pixels (network resolution) are dropped.
             max_instances: most instances per image, highest scores first.
             stuff_area: stuff segments with fewer pixels (network resolution) become void.
@@ -549,6 +654,12 @@ class MaskAttnPostProcessor:
             raise ValueError(
                 f"similarity_threshold must be in (-1, 1), got {similarity_threshold}."
             )
+        if not 0.0 <= seed_threshold < 1.0:
+            raise ValueError(f"seed_threshold must be in [0, 1), got {seed_threshold}.")
+        if seed_min_distance < 0:
+            raise ValueError(f"seed_min_distance must be >= 0, got {seed_min_distance}.")
+        if embedding_weight < 0:
+            raise ValueError(f"embedding_weight must be >= 0, got {embedding_weight}.")
         if max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances}.")
         if label_divisor <= max_instances:
@@ -560,6 +671,9 @@ class MaskAttnPostProcessor:
         self.thing_ids = sorted(set(thing_ids))
         self.instance_method = instance_method
         self.similarity_threshold = similarity_threshold
+        self.seed_threshold = seed_threshold
+        self.seed_min_distance = seed_min_distance
+        self.embedding_weight = embedding_weight
         self.min_instance_area = min_instance_area
         self.max_instances = max_instances
         self.stuff_area = stuff_area
@@ -575,7 +689,7 @@ class MaskAttnPostProcessor:
         self,
         sem: torch.Tensor,
         probs: torch.Tensor,
-        embeddings: Optional[torch.Tensor],
+        head_outputs: Optional[Dict[str, torch.Tensor]],
         is_thing: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
@@ -585,18 +699,31 @@ class MaskAttnPostProcessor:
         Args:
             sem: (h, w) int64 semantic argmax.
             probs: (K, h, w) class probabilities.
-            embeddings: (D, h, w) pixel embeddings (unused by "connected_components").
+            head_outputs: the embedding head's outputs of the image (unused by
+                "connected_components").
             is_thing: (K,) bool.
 
         Returns:
             (h * w,) int64 rank of each pixel's instance (-1: none), classes (M,) int64 and
             scores (M,) float in rank order.
         """
-        if self.instance_method == "embedding":
+        if self.instance_method == "spatial_embedding":
+            instance_map, classes, scores = _spatial_instance_map(
+                sem,
+                probs,
+                head_outputs,
+                is_thing,
+                seed_threshold=self.seed_threshold,
+                seed_min_distance=self.seed_min_distance,
+                embedding_weight=self.embedding_weight,
+                min_instance_area=self.min_instance_area,
+                max_instances=self.max_instances,
+            )
+        elif self.instance_method == "embedding":
             instance_map, classes, scores = _embedding_instance_map(
                 sem,
                 probs,
-                embeddings,
+                head_outputs["embeddings"],
                 is_thing,
                 similarity_threshold=self.similarity_threshold,
                 min_instance_area=self.min_instance_area,
@@ -615,7 +742,7 @@ class MaskAttnPostProcessor:
     def __call__(
         self,
         sem_logits: torch.Tensor,
-        embeddings: Optional[torch.Tensor],
+        head_outputs: Optional[Dict[str, torch.Tensor]],
         output_size: Tuple[int, int],
         *,
         semantic_on: bool = True,
@@ -625,7 +752,9 @@ class MaskAttnPostProcessor:
         """
         Args:
             sem_logits: (K, h, w) semantic logits at network resolution.
-            embeddings: (D, h, w) pixel embeddings at network resolution; may be None with
+            head_outputs: the embedding head's outputs of this image at network resolution:
+                ``"embeddings"`` (D, h, w) and, for "spatial_embedding", ``"offsets"``
+                (2, h, w) and ``"seed_logits"`` (1, h, w); may be None with
                 ``instance_method="connected_components"`` or when only ``semantic_on``.
             output_size: (H, W) size of the original image.
             semantic_on, instance_on, panoptic_on: which outputs to compute and return.
@@ -638,7 +767,7 @@ class MaskAttnPostProcessor:
             and ``scores`` (N,) float, sorted by score;
             ``"panoptic_seg"``: ((H, W) int32 segment ids, 0 = void, segments_info list).
         """
-        self._check_inputs(sem_logits, embeddings, output_size, instance_on or panoptic_on)
+        self._check_inputs(sem_logits, head_outputs, output_size, instance_on or panoptic_on)
         output_size = (int(output_size[0]), int(output_size[1]))
         probs = F.softmax(sem_logits.float(), dim=0)
         results = {}
@@ -653,7 +782,9 @@ class MaskAttnPostProcessor:
             return results
         sem = _argmax_channels(probs)
         is_thing = self._is_thing(sem.device)
-        instance_map, classes, scores = self._ranked_instance_map(sem, probs, embeddings, is_thing)
+        instance_map, classes, scores = self._ranked_instance_map(
+            sem, probs, head_outputs, is_thing
+        )
         segment_map, segments_info, segment_ids = _merge_instance_map(
             sem,
             instance_map.view(sem.shape),
@@ -686,7 +817,15 @@ class MaskAttnPostProcessor:
             )
         return results
 
-    def _check_inputs(self, sem_logits, embeddings, output_size, needs_instances: bool) -> None:
+    # The embedding head outputs each instance method needs, with their channel counts
+    # (None: any).
+    _NEEDED_OUTPUTS = {
+        "spatial_embedding": {"offsets": 2, "seed_logits": 1},
+        "embedding": {"embeddings": None},
+        "connected_components": {},
+    }
+
+    def _check_inputs(self, sem_logits, head_outputs, output_size, needs_instances: bool) -> None:
         if sem_logits.dim() != 3 or sem_logits.shape[0] != self.num_classes:
             raise ValueError(
                 f"sem_logits must have shape (K={self.num_classes}, h, w), got "
@@ -694,15 +833,30 @@ class MaskAttnPostProcessor:
             )
         if len(output_size) != 2 or min(output_size) < 1:
             raise ValueError(f"output_size must be (H, W) with H, W >= 1, got {output_size}.")
-        if not needs_instances or self.instance_method != "embedding":
+        needed = dict(self._NEEDED_OUTPUTS[self.instance_method])
+        if self.instance_method == "spatial_embedding" and self.embedding_weight > 0:
+            needed["embeddings"] = None
+        if not needs_instances or not needed:
             return
-        if embeddings is None:
-            raise ValueError('instance_method "embedding" needs embeddings, got None.')
-        if embeddings.dim() != 3 or embeddings.shape[1:] != sem_logits.shape[1:]:
-            raise ValueError(
-                f"embeddings must have shape (D, h, w) with (h, w) = "
-                f"{tuple(sem_logits.shape[1:])}, got {tuple(embeddings.shape)}."
-            )
+        for key, channels in needed.items():
+            value = None if head_outputs is None else head_outputs.get(key)
+            if value is None:
+                hint = (
+                    " (set MODEL.EMBED_HEAD.SPATIAL_ON True and train with it)"
+                    if key in ("offsets", "seed_logits")
+                    else ""
+                )
+                raise ValueError(
+                    f'instance_method "{self.instance_method}" needs the embedding head '
+                    f'output "{key}", which is missing{hint}.'
+                )
+            if value.dim() != 3 or value.shape[1:] != sem_logits.shape[1:] or (
+                channels is not None and value.shape[0] != channels
+            ):
+                raise ValueError(
+                    f'"{key}" must have shape ({channels or "D"}, h, w) with (h, w) = '
+                    f"{tuple(sem_logits.shape[1:])}, got {tuple(value.shape)}."
+                )
 
     @staticmethod
     def _instances_from_segments(

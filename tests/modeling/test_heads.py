@@ -53,7 +53,7 @@ def test_sem_seg_head_shapes(norm):
 
 def test_embed_head_is_unit_norm():
     head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="GN")
-    emb = head(_features())
+    emb = head(_features())["embeddings"]
     assert emb.shape == (2, 6, 32, 32)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2, 32, 32), atol=1e-5, rtol=0)
     # Embeddings are not collapsed to one direction at initialisation.
@@ -66,8 +66,8 @@ def test_embed_head_zero_input_is_finite():
     with torch.no_grad():
         for p in head.parameters():
             p.zero_()
-    emb = head({"dec1": torch.zeros(1, 8, 4, 4)})
-    assert torch.isfinite(emb).all()
+    outputs = head({"dec1": torch.zeros(1, 8, 4, 4)})
+    assert torch.isfinite(outputs["embeddings"]).all()
 
 
 def test_heads_from_config():
@@ -79,8 +79,12 @@ def test_heads_from_config():
     assert sem.head.conv[0].out_channels == 12
     feats = _features(batch=1, size=16)
     assert sem(feats).shape == (1, 7, 16, 16)
-    out = emb(feats)
+    outputs = emb(feats)
+    out = outputs["embeddings"]
     assert out.shape == (1, 5, 16, 16)
+    # Spatial embeddings are on by default: offsets (dy, dx) and a seed map in [0, 1].
+    assert outputs["offsets"].shape == (1, 2, 16, 16)
+    assert outputs["seed_logits"].shape == (1, 1, 16, 16)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(1, 16, 16), atol=1e-5, rtol=0)
 
 
@@ -105,9 +109,23 @@ def test_embed_head_coordinates_make_embeddings_position_dependent(coord_conv):
     head = MaskAttnEmbedHead(
         SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="", coord_conv=coord_conv
     ).eval()
-    emb = head({"dec1": torch.ones(1, 8, 16, 16)})
+    emb = head({"dec1": torch.ones(1, 8, 16, 16)})["embeddings"]
     a, b = emb[0, :, 4, 4], emb[0, :, 11, 11]  # two interior pixels
     if coord_conv:
         assert (a - b).abs().max() > 1e-3
     else:
         torch.testing.assert_close(a, b)
+
+
+def test_embed_head_spatial_outputs_start_neutral_and_learn():
+    """Offsets and seed logits start at ~0 (seed map 0.5); all three outputs get gradients from one
+    shared hidden conv, and without ``spatial`` only the embeddings exist."""
+    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=4, convs_dim=12, spatial=True)
+    outputs = head(_features())
+    assert outputs["offsets"].abs().max() < 0.1
+    assert outputs["seed_logits"].abs().max() < 0.1
+    total = outputs["offsets"].sum() + outputs["seed_logits"].sum() + outputs["embeddings"].sum()
+    total.backward()
+    assert all(p.grad is not None for p in head.parameters())
+    plain = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=4, spatial=False)
+    assert set(plain(_features())) == {"embeddings"}

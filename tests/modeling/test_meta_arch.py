@@ -98,7 +98,7 @@ def test_variant_trains_and_infers(variant):
     model = build_model(cfg)
     with EventStorage():
         losses = model(training_inputs())
-    expected = {"loss_sem_seg", "loss_embed"}
+    expected = {"loss_sem_seg", "loss_embed", "loss_offset", "loss_seed"}
     if cfg.MODEL.MASK_ATTN.ENCODER_SCALES:
         expected.add("loss_gate")
     assert set(losses) == expected
@@ -125,7 +125,13 @@ def test_variant_trains_and_infers(variant):
 
 
 def test_embedding_loss_off_keeps_embed_head_out_of_the_graph():
-    cfg = small_cfg(**{"MODEL.EMBED_HEAD.LOSS_WEIGHT": 0.0})
+    cfg = small_cfg(
+        **{
+            "MODEL.EMBED_HEAD.LOSS_WEIGHT": 0.0,
+            "MODEL.EMBED_HEAD.OFFSET_LOSS_WEIGHT": 0.0,
+            "MODEL.EMBED_HEAD.SEED_LOSS_WEIGHT": 0.0,
+        }
+    )
     model = build_model(cfg)
     with EventStorage():
         losses = model(training_inputs())

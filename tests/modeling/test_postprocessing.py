@@ -44,7 +44,9 @@ GRASS_BOX = ((5, 8), (30, 33))  # 9 pixels: below stuff_area=16
 
 
 def _scene(device, with_things=True, seed=0):
-    """Semantic logits (5, 64, 64) and embeddings (8, 64, 64) of the synthetic scene."""
+    """Semantic logits (5, 64, 64) and embedding head outputs of the synthetic scene:
+    "embeddings" (8, 64, 64), "offsets" (2, 64, 64) to each object's centre and
+    "seed_logits" (1, 64, 64) peaking at the centres, all with noise."""
     g = torch.Generator().manual_seed(seed)
     sem = torch.full(NET, SKY, dtype=torch.long)
     sem[ROAD_ROWS[0] : ROAD_ROWS[1]] = ROAD
@@ -52,15 +54,27 @@ def _scene(device, with_things=True, seed=0):
     sem[r0:r1, c0:c1] = GRASS
     basis = torch.eye(8)
     embeddings = basis[0][:, None, None].repeat(1, *NET)
+    ys, xs = torch.meshgrid(torch.arange(NET[0]).float(), torch.arange(NET[1]).float(),
+                            indexing="ij")
+    offsets = torch.zeros(2, *NET)
+    seeds = torch.zeros(1, *NET)
     if with_things:
         for k, (category, (r0, r1), (c0, c1)) in enumerate(OBJECTS):
             sem[r0:r1, c0:c1] = category
             embeddings[:, r0:r1, c0:c1] = basis[k + 1][:, None, None]
+            cy, cx = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
+            offsets[0, r0:r1, c0:c1] = cy - ys[r0:r1, c0:c1]
+            offsets[1, r0:r1, c0:c1] = cx - xs[r0:r1, c0:c1]
+            bump = torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * 4.0**2))
+            seeds[0, r0:r1, c0:c1] = bump[r0:r1, c0:c1]
     embeddings = F.normalize(embeddings + 0.1 * torch.randn(8, *NET, generator=g), dim=0)
+    offsets = offsets + 0.5 * torch.randn(2, *NET, generator=g)
+    seeds = (seeds + 0.02 * torch.rand(1, *NET, generator=g)).clamp(0, 1)
     logits = F.one_hot(sem, 5).permute(2, 0, 1).float() * 6 + 0.5 * torch.randn(
         5, *NET, generator=g
     )
-    return logits.to(device), embeddings.to(device)
+    outputs = {"embeddings": embeddings, "offsets": offsets, "seed_logits": torch.logit(seeds, 1e-4)}
+    return logits.to(device), {k: v.to(device) for k, v in outputs.items()}
 
 
 def _box_mask(rows, cols, size=OUT, net=NET):
@@ -97,9 +111,10 @@ def _check_panoptic_consistency(panoptic, segments_info, size):
 
 # ------------------------------------------------------------------ full postprocessor
 @pytest.mark.parametrize("device", DEVICES)
-def test_embedding_postprocessor_separates_touching_instances(device):
+@pytest.mark.parametrize("method", ["spatial_embedding", "embedding"])
+def test_embedding_postprocessor_separates_touching_instances(device, method):
     logits, embeddings = _scene(device)
-    out = _postprocessor(instance_method="embedding")(logits, embeddings, OUT)
+    out = _postprocessor(instance_method=method)(logits, embeddings, OUT)
     instances = out["instances"]
     assert isinstance(instances, Instances) and instances.image_size == OUT
     assert len(instances) == len(OBJECTS)
@@ -136,7 +151,7 @@ def test_connected_components_merges_touching_same_class_instances(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["embedding", "connected_components"])
+@pytest.mark.parametrize("method", ["spatial_embedding", "embedding", "connected_components"])
 def test_panoptic_output_stuff_area_and_consistency(device, method):
     logits, embeddings = _scene(device)
     out = _postprocessor(instance_method=method)(logits, embeddings, OUT)
@@ -188,7 +203,7 @@ def test_output_flags_select_outputs():
     }
 
 
-@pytest.mark.parametrize("method", ["embedding", "connected_components"])
+@pytest.mark.parametrize("method", ["spatial_embedding", "embedding", "connected_components"])
 def test_score_threshold_and_max_instances(method):
     logits, embeddings = _scene("cpu")
     full = _postprocessor(instance_method=method)(logits, embeddings, OUT)["instances"]
@@ -231,10 +246,17 @@ def test_postprocessor_validates_arguments():
     logits, embeddings = _scene("cpu")
     with pytest.raises(ValueError, match="sem_logits"):
         post(logits[:4], embeddings, OUT)
-    with pytest.raises(ValueError, match="embeddings"):
-        post(logits, embeddings[:, :32], OUT)
-    with pytest.raises(ValueError, match="embeddings"):
+    with pytest.raises(ValueError, match="offsets"):
+        post(logits, dict(embeddings, offsets=embeddings["offsets"][:, :32]), OUT)
+    with pytest.raises(ValueError, match='"offsets".*SPATIAL_ON'):
+        post(logits, {"embeddings": embeddings["embeddings"]}, OUT)
+    with pytest.raises(ValueError, match="offsets"):
         post(logits, None, OUT)
+    cluster = _postprocessor(instance_method="embedding")
+    with pytest.raises(ValueError, match="embeddings"):
+        cluster(logits, {"embeddings": embeddings["embeddings"][:, :32]}, OUT)
+    with pytest.raises(ValueError, match="seed_threshold"):
+        MaskAttnPostProcessor(num_classes=5, thing_ids=[1], seed_threshold=1.0)
     with pytest.raises(ValueError, match="output_size"):
         post(logits, embeddings, (0, 10))
 
@@ -353,7 +375,7 @@ def test_instance_helpers_classes_and_scores():
     probs = logits.softmax(0)
     sem = probs.argmax(0)
     is_thing = torch.tensor([False, True, True, False, False])
-    masks, classes, scores = embedding_instances(sem, probs, embeddings, is_thing)
+    masks, classes, scores = embedding_instances(sem, probs, embeddings["embeddings"], is_thing)
     assert masks.shape == (3, *NET) and sorted(classes.tolist()) == [CAR, CAR, PERSON]
     for mask, category, score in zip(masks, classes, scores):
         mean_prob = probs[category][mask].mean()
