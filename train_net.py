@@ -6,17 +6,18 @@
     python train_net.py --config-file configs/coco_panoptic_128.yaml --eval-only MODEL.WEIGHTS m.pth
 
 On a machine without CUDA, ``--num-gpus N`` starts N CPU worker processes (GLOO backend).
+Every worker destroys its process group before it exits (``maskattn_d2.engine.launch``).
 """
 import logging
 
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from maskattn_d2 import add_maskattn_config
-from maskattn_d2.engine import AtomicCheckpointer, MaskAttnTrainer, adapt_config_to_device
+from maskattn_d2.engine import AtomicCheckpointer, MaskAttnTrainer, adapt_config_to_device, launch
 from maskattn_d2.evaluation import format_results_summary
 
 
@@ -58,6 +59,7 @@ def main(args):
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    # detectron2's launch, with a barrier and destroy_process_group at the end of each worker.
     launch(
         main,
         args.num_gpus,

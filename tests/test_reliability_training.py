@@ -441,6 +441,129 @@ def test_two_process_evaluation_matches_one_process(resumed_run, tmp_path):
     assert one_metrics["sem_seg"]["mIoU"] > 0  # trained weights: not a comparison of zeros
 
 
+# A two-worker launch whose workers record, at interpreter exit, whether their process group
+# is still alive (it must not be: its GLOO threads are what aborted workers at exit).
+_LAUNCHED_WORKERS = """
+import atexit, os, sys
+import torch
+import torch.distributed as dist
+from maskattn_d2.engine import launch
+
+def work(out):
+    rank = dist.get_rank()
+    tensor = torch.ones(1)
+    dist.all_reduce(tensor)
+    assert tensor.item() == 2
+    def record():
+        with open(os.path.join(out, f"rank{rank}"), "w") as f:
+            f.write(str(dist.is_initialized()))
+    atexit.register(record)
+
+if __name__ == "__main__":
+    launch(work, 2, dist_url="auto", args=(sys.argv[1],))
+"""
+
+
+def test_workers_destroy_their_process_group_before_exit(tmp_path):
+    """Issue 11 item 1: detectron2's launch leaves each worker's GLOO process group alive
+    until interpreter exit, where its C++ threads can abort the worker ("terminate called
+    without an active exception", SIGABRT) after a good run. maskattn_d2's launch (used by
+    train_net.py) ends every worker with a barrier and destroy_process_group."""
+    import train_net
+    from maskattn_d2.engine import launch
+
+    assert train_net.launch is launch
+    script = tmp_path / "workers.py"
+    script.write_text(_LAUNCHED_WORKERS)
+    ((rc, stdout, stderr),) = run_side_by_side(
+        [[sys.executable, str(script), str(tmp_path)]], tmp_path / "run"
+    )
+    assert rc == 0, f"{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert "terminate called" not in stderr
+    assert (tmp_path / "rank0").read_text() == "False"
+    assert (tmp_path / "rank1").read_text() == "False"
+
+
+def test_run_and_shut_down_destroys_the_group_after_success_and_failure(tmp_path):
+    """The worker wrapper destroys the process group whether the main function returns
+    (after a barrier) or raises (no barrier: a peer may be in another collective); the
+    main function's result and exception come through."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    from maskattn_d2.engine import run_and_shut_down
+
+    def init(name):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / name}", rank=0,
+                                world_size=1)
+        comm.create_local_process_group(1)
+
+    def alive():
+        assert dist.is_initialized()
+        return 42
+
+    def fails():
+        raise KeyError("boom")
+
+    init("store1")
+    assert run_and_shut_down(alive) == 42
+    assert not dist.is_initialized()
+    init("store2")
+    with pytest.raises(KeyError, match="boom"):
+        run_and_shut_down(fails)
+    assert not dist.is_initialized()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_on_one_host_train_and_match_one_process(tmp_path):
+    """Issue 11 item 1: `--num-machines 2 --machine-rank 0|1 --dist-url tcp://...`, one CPU
+    process per "machine": both exit 0 after training and evaluating, and one process
+    evaluating the weights they wrote gets every metric of their final evaluation (1e-6)."""
+    out = tmp_path / "out"
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    opts = [*SAMPLE_OPTS, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "0"]
+    machines = [
+        train_net_command(opts, out)[:4]
+        + ["--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url]
+        + train_net_command(opts, out)[4:]
+        for rank in (0, 1)
+    ]
+    runs = run_side_by_side(machines, tmp_path / "machines")
+    for rank, (rc, stdout, stderr) in enumerate(runs):
+        assert rc == 0, f"machine {rank} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        assert "terminate called" not in stderr
+    log = runs[0][1] + runs[0][2]
+    assert "World size: 2" in log
+    two_machines = copypaste_metrics(log)
+    assert {"panoptic_seg", "segm", "sem_seg"} <= set(two_machines)
+    assert (out / "log.txt.rank1").exists()  # the second machine's worker ran
+
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    final = next(r for r in records if "panoptic_seg/PQ" in r)
+    expected = [
+        [key.split("/", 1)[0], key.split("/", 1)[1], value, 1e-6]
+        for key, value in final.items()
+        if "/" in key and key.split("/", 1)[0] in ("panoptic_seg", "segm", "sem_seg")
+        and math.isfinite(value)
+    ]
+    assert len(expected) > 10
+    eval_opts = ["--eval-only", *SAMPLE_OPTS, "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                 "TEST.EXPECTED_RESULTS", repr(expected)]
+    ((rc, stdout, stderr),) = run_side_by_side(
+        [train_net_command(eval_opts, tmp_path / "one")], tmp_path / "one_run"
+    )
+    assert rc == 0, f"1 process failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert "Results verification passed." in stdout + stderr
+    assert copypaste_metrics(stdout + stderr) == two_machines
+
+
 # ------------------------------------------------------------------------ config errors
 def test_unknown_or_mistyped_config_keys_stop_train_net(tmp_path):
     """yacs rejects unknown keys (YAML file or command line) and values of the wrong type;

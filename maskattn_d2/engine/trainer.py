@@ -135,8 +135,8 @@ class MaskAttnTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Same steps as DefaultTrainer.__init__; the one difference is create_ddp_model's
-        # device_ids, which must be None when the model lives on CPU.
+        # Same steps as DefaultTrainer.__init__; the differences are create_ddp_model's
+        # device_ids, which must be None when the model lives on CPU, and broadcast_buffers.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -146,7 +146,11 @@ class MaskAttnTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         on_cpu = next(model.parameters()).device.type == "cpu"
         device_ids = None if on_cpu else [comm.get_local_rank()]
-        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
+        # broadcast_buffers: every worker's BatchNorm running statistics are rank 0's (as
+        # they are with SyncBN). detectron2 turns it off, which leaves plain-BN workers with
+        # different statistics: a multi-process evaluation then mixes models and differs
+        # from one process evaluating the saved (rank 0) weights.
+        model = create_ddp_model(model, broadcast_buffers=True, device_ids=device_ids)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED and not on_cpu else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
