@@ -4,9 +4,18 @@
     python train_net.py --config-file configs/synthetic_panoptic_128.yaml
     python train_net.py --config-file configs/coco_panoptic_128.yaml --num-gpus 4
     python train_net.py --config-file configs/coco_panoptic_128.yaml --eval-only MODEL.WEIGHTS m.pth
+    python train_net.py --register-module my_datasets.py --config-file configs/my_panoptic_128.yaml
 
 On a machine without CUDA, ``--num-gpus N`` starts N CPU worker processes (GLOO backend).
 Every worker destroys its process group before it exits (``maskattn_d2.engine.launch``).
+
+Options added to detectron2's:
+
+- ``--register-module MODULE``: import MODULE (a ``.py`` path or a module name) in every
+  worker process before anything else, e.g. to register the user's datasets (repeatable).
+- ``--allow-random-weights``: let ``--eval-only`` evaluate a model whose weights are missing
+  (no MODEL.WEIGHTS) or only partly loaded (a checkpoint of another architecture); without
+  it that is an error naming the missing / mismatched parameters.
 """
 import logging
 
@@ -17,8 +26,31 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from maskattn_d2 import add_maskattn_config
-from maskattn_d2.engine import AtomicCheckpointer, MaskAttnTrainer, adapt_config_to_device, launch
+from maskattn_d2.engine import (
+    MaskAttnTrainer,
+    adapt_config_to_device,
+    import_user_modules,
+    launch,
+    load_inference_weights,
+)
 from maskattn_d2.evaluation import format_results_summary
+
+
+def get_parser():
+    """detectron2's argument parser plus ``--register-module`` and ``--allow-random-weights``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-module", action="append", default=[], metavar="MODULE",
+        help="import MODULE (path to a .py file, or a module name on sys.path or in the "
+        "working directory) in every worker before the config is read, e.g. a module that "
+        "registers your datasets; repeatable",
+    )
+    parser.add_argument(
+        "--allow-random-weights", action="store_true",
+        help="with --eval-only: evaluate even if MODEL.WEIGHTS is empty or does not fit the "
+        "model (those parameters stay randomly initialised); without it that is an error",
+    )
+    return parser
 
 
 def setup(args):
@@ -34,11 +66,17 @@ def setup(args):
 
 
 def main(args):
+    # Each worker is a new process: the user's registrations must run in it.
+    import_user_modules(getattr(args, "register_module", []))
     cfg = setup(args)
     if args.eval_only:
         model = MaskAttnTrainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        load_inference_weights(
+            model,
+            cfg.MODEL.WEIGHTS,
+            allow_random=getattr(args, "allow_random_weights", False),
+            save_dir=cfg.OUTPUT_DIR,
+            resume=args.resume,
         )
         results = MaskAttnTrainer.test(cfg, model)
         if comm.is_main_process():
@@ -51,13 +89,14 @@ def main(args):
         results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and results:
         logging.getLogger("maskattn_d2").info(
-            "Summary (PQ/SQ/RQ, AP, mIoU, pixel accuracy):\n%s", format_results_summary(results)
+            "Summary (PQ/SQ/RQ, AP, mIoU, pixel accuracy):\n%s",
+            format_results_summary(results, dataset_names=cfg.DATASETS.TEST),
         )
     return results
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     print("Command Line Args:", args)
     # detectron2's launch, with a barrier and destroy_process_group at the end of each worker.
     launch(

@@ -624,3 +624,97 @@ def test_invalid_choice_values_fail_at_build_naming_key_or_value(tmp_path, opts,
 def test_log_period_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="LOG_PERIOD must be a positive number of iterations"):
         MaskAttnTrainer(tiny_cfg(tmp_path, "LOG_PERIOD", "0"))
+
+
+# ------------------------------------------------------------- weights for evaluation
+def test_eval_only_refuses_missing_or_mismatched_weights(tmp_path):
+    """Issue 11 item 5: --eval-only without MODEL.WEIGHTS evaluated a random model and a
+    checkpoint of another architecture loaded with "Skip loading" warnings, both exiting 0
+    with meaningless numbers. Both are errors naming what is missing / mismatched, unless
+    --allow-random-weights asks for it."""
+    from maskattn_d2.engine import WeightsError, load_inference_weights
+
+    model = MaskAttnTrainer.build_model(tiny_cfg(tmp_path))
+    with pytest.raises(WeightsError, match="MODEL.WEIGHTS is empty.*--allow-random-weights"):
+        load_inference_weights(model, "")
+    load_inference_weights(model, "", allow_random=True)
+
+    other = MaskAttnTrainer.build_model(
+        tiny_cfg(tmp_path, "MODEL.MASK_ATTN_UNET.CHANNELS", "[8, 16, 24]")
+    )
+    AtomicCheckpointer(other, save_dir=str(tmp_path)).save("other_architecture")
+    other_file = str(tmp_path / "other_architecture.pth")
+    with pytest.raises(WeightsError, match="does not fit the model") as info:
+        load_inference_weights(model, other_file)
+    message = str(info.value)
+    assert other_file in message and "another shape" in message
+    assert "checkpoint (24," in message and "model (32," in message  # names a parameter
+    load_inference_weights(model, other_file, allow_random=True)
+    AtomicCheckpointer(model, save_dir=str(tmp_path)).save("own")
+    load_inference_weights(model, str(tmp_path / "own.pth"))  # its own weights: fine
+
+    # Through train_net.py: exit non-zero, unless asked explicitly.
+    runs = run_side_by_side(
+        [
+            train_net_command(["--eval-only", *SAMPLE_OPTS], tmp_path / "refused"),
+            train_net_command(
+                ["--eval-only", "--allow-random-weights", *SAMPLE_OPTS], tmp_path / "allowed"
+            ),
+        ],
+        tmp_path / "runs",
+    )
+    (refused, _, refused_err), (allowed, allowed_out, allowed_err) = runs
+    assert refused != 0 and "No weights to evaluate: MODEL.WEIGHTS is empty" in refused_err
+    assert allowed == 0, allowed_err[-3000:]
+    assert "--allow-random-weights: No weights" in allowed_out + allowed_err
+
+
+# ------------------------------------------------------------------ users' datasets
+_USER_DATASETS = """
+from maskattn_d2.data.datasets import panoptic_metadata, register_panoptic_dataset
+
+CATEGORIES = {categories!r}
+register_panoptic_dataset("my_panoptic_val", panoptic_metadata(CATEGORIES), {paths!r})
+"""
+
+
+def test_register_module_registers_user_datasets_in_every_worker(tmp_path):
+    """Issue 11 items 6 and 8: `--register-module my_datasets.py` imports the user's module in
+    every worker (two processes here), from any working directory; train_net.py trains and
+    evaluates on the dataset it registers, names it in the summary table, and the demo
+    draws with the same option."""
+    from .panoptic_factory import CATEGORIES, NUM_CLASSES, write_panoptic_dataset
+
+    paths = write_panoptic_dataset(tmp_path / "data", ["things", "stuff_only", "things"])
+    module = tmp_path / "my_datasets.py"
+    module.write_text(_USER_DATASETS.format(categories=CATEGORIES, paths=paths))
+    out = tmp_path / "out"
+    opts = TINY_MODEL + [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(NUM_CLASSES),
+        "DATASETS.TRAIN", '("my_panoptic_val",)',
+        "DATASETS.TEST", '("my_panoptic_val",)',
+        "TEST.EVALUATORS", '["panoptic", "semantic"]',
+    ]
+    cmd = train_net_command(opts, out, num_gpus=2)
+    cmd[2:2] = ["--register-module", module.name]  # relative to the working directory
+    ((rc, stdout, stderr),) = run_side_by_side([cmd], tmp_path)  # cwd: tmp_path
+    log = stdout + stderr
+    assert rc == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert "World size: 2" in log
+    assert "panoptic_seg" in copypaste_metrics(log)
+    summary = log[log.index("Summary (PQ/SQ/RQ"):]
+    assert "| my_panoptic_val " in summary and "| -  " not in summary
+
+    demo_out = tmp_path / "pictures"
+    demo_cmd = [sys.executable, str(REPO / "demo" / "demo.py"), "--config-file",
+                str(REPO / CONFIG), "--register-module", str(module),
+                "--input", paths["image_root"], "--output", str(demo_out),
+                "--weights", str(out / "model_final.pth"), "--opts", *opts]
+    without_cmd = [c for c in demo_cmd if c != str(module) and c != "--register-module"]
+    (demo_rc, demo_log, demo_err), (bad_rc, bad_out, bad_err) = run_side_by_side(
+        [demo_cmd, without_cmd], tmp_path / "demo"
+    )
+    assert demo_rc == 0, demo_err[-3000:]
+    assert len(list(demo_out.glob("*_panoptic.png"))) == 3
+    bad_log = bad_out + bad_err
+    assert bad_rc == 2 and "'my_panoptic_val'" in bad_log and "--register-module" in bad_log

@@ -20,7 +20,14 @@ from ..data import build_dataset_mapper
 from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
 
-__all__ = ["MaskAttnTrainer", "adapt_config_to_device", "AtomicCheckpointer", "TrainingError"]
+__all__ = [
+    "MaskAttnTrainer",
+    "adapt_config_to_device",
+    "AtomicCheckpointer",
+    "TrainingError",
+    "WeightsError",
+    "load_inference_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +100,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
             _sync(f)
         os.replace(tmp_file, save_file)
 
+    def load(self, path: str, checkpointables=None):
+        # Remember what was loaded (None: nothing, random initialisation) and how well it
+        # matched the model, for load_inference_weights.
+        self.loaded_path = path or None
+        self.incompatible = None
+        return super().load(path, checkpointables)
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
     def _load_file(self, filename: str):
         # torch.load's errors on a truncated file ("failed finding central directory",
         # EOFError) do not say which file; name it and where it came from.
@@ -113,6 +131,69 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"Cannot load checkpoint {filename}: the file is truncated, corrupt or not a "
                 f"checkpoint ({reason}). {hint}."
             ) from e
+
+
+class WeightsError(ValueError):
+    """The weights to evaluate or draw are missing, or do not fit the model."""
+
+
+def load_inference_weights(
+    model, weights: str, *, allow_random: bool = False, save_dir: str = "", resume: bool = False
+) -> AtomicCheckpointer:
+    """Load the weights a model is evaluated (or drawn) with, and refuse silent random ones.
+
+    ``--eval-only`` without ``MODEL.WEIGHTS`` would evaluate a randomly initialised model,
+    and a checkpoint of another architecture loads only the parameters whose names and shapes
+    match (detectron2 logs one "Skip loading" warning per other parameter and goes on): both
+    give numbers that look like results. Unless ``allow_random``, both raise.
+
+    Args:
+        model: the model (not wrapped in DDP).
+        weights: checkpoint path (``MODEL.WEIGHTS``); empty means none.
+        allow_random: accept random initialisation of all or some parameters (with a warning).
+        save_dir, resume: as ``resume_or_load``: with ``resume``, the last checkpoint of
+            ``save_dir`` is loaded when there is one, else ``weights``.
+
+    Returns:
+        The checkpointer that loaded them.
+
+    Raises:
+        WeightsError: no weights, or model parameters missing from the checkpoint or of
+            another shape (the message names them and the option that allows it).
+    """
+    checkpointer = AtomicCheckpointer(model, save_dir=save_dir)
+    checkpointer.resume_or_load(weights, resume=resume)
+    allow = "pass --allow-random-weights to do this on purpose"
+    problem = None
+    if checkpointer.loaded_path is None:
+        where = f" (and no checkpoint in {save_dir} to --resume from)" if resume else ""
+        problem = (
+            f"No weights to evaluate: MODEL.WEIGHTS is empty{where}, so the model would be "
+            "randomly initialised and its results meaningless. Set MODEL.WEIGHTS to a "
+            f"checkpoint, or {allow}."
+        )
+    elif checkpointer.incompatible is not None:
+        missing = list(checkpointer.incompatible.missing_keys)
+        shapes = [
+            f"{name} (checkpoint {tuple(ckpt)}, model {tuple(own)})"
+            for name, ckpt, own in checkpointer.incompatible.incorrect_shapes
+        ]
+        if missing or shapes:
+            total = len(model.state_dict())
+            listed = shapes[:10] + missing[: max(0, 10 - len(shapes))]
+            problem = (
+                f"Checkpoint {checkpointer.loaded_path} does not fit the model: "
+                f"{len(shapes)} of its {total} parameters/buffers have another shape and "
+                f"{len(missing)} are missing from it (a checkpoint of another architecture or "
+                f"config?), so they would stay randomly initialised. First ones: "
+                f"{'; '.join(listed)}. Use the config the checkpoint was trained with, or "
+                f"{allow}."
+            )
+    if problem is not None:
+        if not allow_random:
+            raise WeightsError(problem)
+        logger.warning("--allow-random-weights: %s", problem)
+    return checkpointer
 
 
 def _sync(f) -> None:

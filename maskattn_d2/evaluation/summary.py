@@ -1,5 +1,5 @@
 """One table with the headline numbers of an evaluation run."""
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional, Sequence
 
 from tabulate import tabulate
 
@@ -19,19 +19,25 @@ _COLUMNS = (
 )
 
 
-def _per_dataset(results: Mapping) -> Dict[str, Mapping]:
-    # DefaultTrainer.test() returns {task: metrics} for one dataset and
-    # {dataset: {task: metrics}} for several.
+def _per_dataset(results: Mapping, dataset_names: Sequence[str]) -> Dict[str, Mapping]:
+    # DefaultTrainer.test() returns {task: metrics} for one dataset (its name is then only in
+    # cfg.DATASETS.TEST) and {dataset: {task: metrics}} for several.
     if any(task in results for _, task, _ in _COLUMNS):
-        return {"": results}
+        return {dataset_names[0] if len(dataset_names) == 1 else "": results}
     return dict(results)
 
 
-def format_results_summary(results: Mapping) -> str:
+def format_results_summary(results: Mapping, dataset_names: Optional[Sequence[str]] = None) -> str:
     """A markdown table: one row per dataset, the standard numbers and the paper protocol's PQ
-    (computed at network resolution, labelled as such). Missing numbers show as "-"."""
+    (computed at network resolution, labelled as such). Missing numbers show as "-".
+
+    Args:
+        results: what ``DefaultTrainer.test`` returns.
+        dataset_names: the evaluated datasets (``cfg.DATASETS.TEST``); names the row of a
+            one-dataset result, which does not carry its name ("-" without it).
+    """
     rows = []
-    datasets = _per_dataset(results)
+    datasets = _per_dataset(results, list(dataset_names or ()))
     present = [c for c in _COLUMNS if any(c[2] in r.get(c[1], {}) for r in datasets.values())]
     for name, res in datasets.items():
         rows.append([name or "-"] + [res.get(task, {}).get(key, "-") for _, task, key in present])

@@ -160,3 +160,14 @@ def test_undefined_pq_patch_is_scoped():
             assert per_class == {1: {"pq": 0.0, "sq": 0.0, "rq": 0.0}}
             raise RuntimeError("leaving the block by an exception restores it too")
     assert PQStat.pq_average is original
+
+
+def test_summary_names_the_one_evaluated_dataset():
+    """Issue 11 item 8: the summary of a one-dataset run (results without dataset key) named
+    the dataset "-"; with the evaluated names (cfg.DATASETS.TEST) it names it."""
+    results = {"panoptic_seg": {"PQ": 50.0}, "sem_seg": {"mIoU": 60.0}}
+    row = format_results_summary(results, dataset_names=("my_val",)).splitlines()[2]
+    assert row.startswith("| my_val ") and "50.00" in row and "60.00" in row
+    several = {"a_val": results, "b_val": results}
+    rows = format_results_summary(several, dataset_names=("a_val", "b_val")).splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["a_val", "b_val"]
