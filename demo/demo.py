@@ -7,9 +7,16 @@
 
 For every input image ``<stem>.<ext>`` it writes, into ``--output``:
 ``<stem>_panoptic.png``, ``<stem>_instances.png`` (instances scoring at least
-``--confidence-threshold``), ``<stem>_semantic.png`` (argmax), all at the image's size, and
-with ``--show-embeddings`` ``<stem>_embeddings.png`` (PCA of the pixel embeddings, image size),
-with ``--show-gates`` ``<stem>_gates.png`` (see ``--gate-layout``).
+``--confidence-threshold``), ``<stem>_semantic.png`` (argmax), all at the drawing size (the
+image's, except that images with a shorter side below ``--min-size`` 512 are drawn upscaled
+and images with a longer side above ``--max-size`` 1600 are reduced first), and
+with ``--show-embeddings`` ``<stem>_embeddings.png`` (PCA of the pixel embeddings, drawing
+size), with ``--show-gates`` ``<stem>_gates.png`` (see ``--gate-layout``; panels of at most
+640 pixels, each gate with a colour bar of its value range).
+
+Without ``--weights`` (or MODEL.WEIGHTS), or with a checkpoint that does not fit the model,
+the demo stops (exit status 2) unless ``--allow-random-weights``. ``--register-module
+my_datasets.py`` imports a module that registers the dataset named by DATASETS.TEST first.
 
 Inputs: files, glob patterns and folders (their images, not recursive). A path that does not
 exist or a pattern that matches nothing stops the demo before any work (exit status 2, every
@@ -27,13 +34,19 @@ from typing import List, Optional
 import cv2
 import torch
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 
 # Importing maskattn_d2 registers the model, backbone, heads and datasets.
 from maskattn_d2 import add_maskattn_config
 from maskattn_d2.data.datasets import read_image_checked
-from maskattn_d2.engine import adapt_config_to_device
-from maskattn_d2.utils.visualization import GATE_LAYOUTS
+from maskattn_d2.engine import (
+    WeightsError,
+    adapt_config_to_device,
+    import_user_modules,
+    load_inference_weights,
+)
+from maskattn_d2.utils.visualization import GATE_LAYOUTS, display_scale
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
@@ -52,7 +65,19 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder the pictures are written to")
     parser.add_argument(
         "--weights", default=None,
-        help="checkpoint to load (shortcut for MODEL.WEIGHTS); none: random weights",
+        help="checkpoint to load (shortcut for MODEL.WEIGHTS); required unless "
+        "--allow-random-weights",
+    )
+    parser.add_argument(
+        "--allow-random-weights", action="store_true",
+        help="draw even without weights, or with a checkpoint that does not fit the model "
+        "(those parameters randomly initialised, seeded); without it that is an error",
+    )
+    parser.add_argument(
+        "--register-module", action="append", default=[], metavar="MODULE",
+        help="import MODULE first (path to a .py file, or a module name on sys.path or in the "
+        "working directory), e.g. one that registers the dataset named by DATASETS.TEST; "
+        "repeatable",
     )
     parser.add_argument(
         "--confidence-threshold", type=float, default=0.5,
@@ -70,6 +95,16 @@ def get_parser() -> argparse.ArgumentParser:
         "--gate-layout", choices=GATE_LAYOUTS, default="side_by_side",
         help="side_by_side: image + one panel per gate, width (1 + gates) x image width; "
         "overlay: the mean gate over the image, image size",
+    )
+    parser.add_argument(
+        "--min-size", type=int, default=512,
+        help="images whose shorter side is smaller are drawn upscaled to it (labels stay "
+        "readable; predictions are made on the image itself); 0: never",
+    )
+    parser.add_argument(
+        "--max-size", type=int, default=1600,
+        help="images whose longer side is larger are reduced to it before prediction and "
+        "drawing (time, memory and file size stay bounded); 0: never",
     )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER,
@@ -143,13 +178,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         logger.error("%s", e)
         return 2
+    try:
+        import_user_modules(args.register_module)
+    except (ImportError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 2
     cfg = setup_cfg(args)
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning(
-            "MODEL.WEIGHTS is empty: the model has RANDOM weights (seeded), so the pictures "
-            "come from an untrained model. Pass --weights to load a checkpoint."
+    if not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
+        logger.error(
+            "No weights: pass --weights (or MODEL.WEIGHTS) with a checkpoint of this config, "
+            "or --allow-random-weights to draw an untrained model on purpose."
         )
-        torch.manual_seed(0)
+        return 2
+    dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None
+    if dataset is not None and dataset not in DatasetCatalog.list():
+        logger.error(
+            "Dataset '%s' (DATASETS.TEST[0], it names the classes) is not registered: "
+            "register it in a module and pass --register-module that_module.py "
+            "(see datasets/README.md, 'Use your own dataset').",
+            dataset,
+        )
+        return 2
+    torch.manual_seed(0)  # parameters the weights do not set are random, but reproducible
     demo = VisualizationDemo(
         cfg,
         confidence_threshold=args.confidence_threshold,
@@ -157,6 +207,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         show_gates=args.show_gates,
         gate_layout=args.gate_layout,
     )
+    try:
+        # Loads MODEL.WEIGHTS again, checking that it fits the model (DefaultPredictor only
+        # logs a warning per parameter it cannot load).
+        load_inference_weights(
+            demo.predictor.model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights
+        )
+    except (WeightsError, RuntimeError) as e:
+        logger.error("%s", e)
+        return 2
     os.makedirs(args.output, exist_ok=True)
     skipped = []
     for path in paths:
@@ -167,7 +226,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             skipped.append(path)
             continue
         start = time.perf_counter()
-        predictions, pictures = demo.run_on_image(image)
+        scale = display_scale(*image.shape[:2], min_size=args.min_size, max_size=args.max_size)
+        if scale < 1:  # a huge image: the model sees 128x128 anyway
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            image, scale = cv2.resize(image, size, interpolation=cv2.INTER_AREA), 1.0
+        predictions, pictures = demo.run_on_image(image, scale=scale)
         stem = os.path.splitext(os.path.basename(path))[0]
         for name, picture in pictures.items():
             out_file = os.path.join(args.output, f"{stem}_{name}.png")

@@ -7,15 +7,26 @@ outputs at the image's original size); the pictures are drawn with detectron2's
 """
 from typing import Dict, Tuple
 
+import cv2
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine.defaults import DefaultPredictor
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.visualizer import ColorMode
 
-from maskattn_d2.utils.visualization import GATE_LAYOUTS, embeddings_to_rgb, render_gate_heatmaps
+from maskattn_d2.utils.visualization import (
+    GATE_LAYOUTS,
+    ReadableVisualizer,
+    drawn_size,
+    embeddings_to_rgb,
+    render_gate_heatmaps,
+)
 
 __all__ = ["VisualizationDemo"]
+
+# Longest side of a gate panel: the gates are 128/stride pixels wide, bigger panels only
+# multiply the file size (the side-by-side picture has 1 + number of gates panels).
+GATE_PANEL_MAX_SIZE = 640
 
 # Picture name -> the model output it draws.
 _OUTPUT_OF_PICTURE = {"panoptic": "panoptic_seg", "instances": "instances", "semantic": "sem_seg"}
@@ -65,34 +76,49 @@ class VisualizationDemo:
         # Why the "gates" picture cannot be drawn (set on the first image), else None.
         self.gates_unavailable = None
 
-    def run_on_image(self, image: np.ndarray) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    def run_on_image(
+        self, image: np.ndarray, scale: float = 1.0
+    ) -> Tuple[Dict, Dict[str, np.ndarray]]:
         """
         Args:
             image: (H, W, 3) uint8 image in BGR order (as ``cv2.imread`` or detectron2's
                 ``read_image(path, format="BGR")`` return it).
+            scale: the pictures are drawn at (H, W) * scale (predictions are made on the
+                image itself); gate panels at most ``GATE_PANEL_MAX_SIZE`` on their longer side.
 
         Returns:
             predictions: the model's output dict for the image ("sem_seg", "instances",
                 "panoptic_seg" at size (H, W), those that MODEL.MASK_ATTN_POSTPROCESS turns on).
             pictures: name -> uint8 RGB picture: "panoptic", "instances", "semantic" (for
-                the outputs present) and "embeddings" when asked, each (H, W, 3); "gates" when
-                asked, (H, (1 + G) * W, 3) side by side with G gates or (H, W, 3) overlaid,
-                left out when the model has no gates (the reason is in ``gates_unavailable``).
+                the outputs present) and "embeddings" when asked, each (H, W) * scale; "gates"
+                when asked, panels of (h, w) = (H, W) * min(scale, GATE_PANEL_MAX_SIZE /
+                max(H, W)): (h + bar, (1 + G) * w) side by side with G gates or (h + bar, w)
+                overlaid (bar: ``colorbar_height(h)``), left out when the model has no gates
+                (the reason is in ``gates_unavailable``).
         """
         predictions = self.predictor(image)
         rgb = np.ascontiguousarray(image[:, :, ::-1])
+        height, width = rgb.shape[:2]
+        drawn = drawn_size(height, width, scale)
         pictures = {
-            kind: self._draw(rgb, kind, predictions)
+            kind: self._draw(rgb, kind, predictions, scale)
             for kind, key in _OUTPUT_OF_PICTURE.items()
             if key in predictions  # MASK_ATTN_POSTPROCESS.*_ON may turn outputs off
         }
         if self.show_embeddings or self.show_gates:
             embeddings, gates = self._embeddings_and_gates(image)
             if self.show_embeddings:
-                pictures["embeddings"] = embeddings_to_rgb(embeddings, output_size=rgb.shape[:2])
+                pictures["embeddings"] = embeddings_to_rgb(embeddings, output_size=drawn)
             if self.show_gates:
                 if gates:
-                    pictures["gates"] = render_gate_heatmaps(rgb, gates, layout=self.gate_layout)
+                    gate_scale = min(scale, GATE_PANEL_MAX_SIZE / max(height, width))
+                    panel_h, panel_w = drawn_size(height, width, gate_scale)
+                    panel = cv2.resize(
+                        rgb,
+                        (panel_w, panel_h),
+                        interpolation=cv2.INTER_AREA if gate_scale < 1 else cv2.INTER_NEAREST,
+                    )
+                    pictures["gates"] = render_gate_heatmaps(panel, gates, layout=self.gate_layout)
                 else:
                     self.gates_unavailable = (
                         "the model has no gated mask attention (MODEL.MASK_ATTN.MASK_KIND "
@@ -100,8 +126,10 @@ class VisualizationDemo:
                     )
         return predictions, pictures
 
-    def _draw(self, rgb: np.ndarray, kind: str, predictions: Dict) -> np.ndarray:
-        visualizer = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
+    def _draw(self, rgb: np.ndarray, kind: str, predictions: Dict, scale: float) -> np.ndarray:
+        visualizer = ReadableVisualizer(
+            rgb, self.metadata, scale=scale, instance_mode=ColorMode.IMAGE
+        )
         if kind == "panoptic":
             panoptic, segments_info = predictions["panoptic_seg"]
             out = visualizer.draw_panoptic_seg(panoptic.to("cpu"), segments_info)

@@ -10,6 +10,10 @@ import torch
 from PIL import Image
 
 from maskattn_d2.utils.visualization import (
+    ReadableVisualizer,
+    colorbar_height,
+    display_scale,
+    drawn_size,
     embeddings_to_rgb,
     gate_probability_maps,
     render_gate_heatmaps,
@@ -52,21 +56,27 @@ def test_demo_writes_every_picture_at_the_image_size(demo, tmp_path):
     assert len(images) == 3
     status = demo.main(
         ["--config-file", str(CONFIG), "--input", str(COCO_IMAGES), "--output", str(tmp_path),
-         "--show-embeddings", "--show-gates", "--opts", *COCO_OPTS]
+         "--show-embeddings", "--show-gates", "--allow-random-weights", "--opts", *COCO_OPTS]
     )
     assert status == 0
     for image_path in images:
         original = cv2.imread(str(image_path))
         height, width = original.shape[:2]
+        # 640 x 360..480: the shorter side is drawn at --min-size 512.
+        scale = 512 / min(height, width)
+        drawn = drawn_size(height, width, scale)
         for kind in ("panoptic", "instances", "semantic", "embeddings"):
             picture = _read_png(tmp_path / f"{image_path.stem}_{kind}.png")
-            assert picture.shape == (height, width, 3), kind
+            assert picture.shape == (*drawn, 3), kind
         # Drawings change the image (segments are painted over it).
         panoptic = _read_png(tmp_path / f"{image_path.stem}_panoptic.png")
-        assert np.abs(panoptic.astype(int) - original.astype(int)).mean() > 1.0
-        # Side by side: the image, then one panel per gate, each of the image's size.
+        resized = cv2.resize(original, drawn[::-1], interpolation=cv2.INTER_NEAREST)
+        assert np.abs(panoptic.astype(int) - resized.astype(int)).mean() > 1.0
+        # Side by side: the image, then one panel per gate (at most 640 pixels wide), and
+        # the colour-bar strip under them.
         gates = _read_png(tmp_path / f"{image_path.stem}_gates.png")
-        assert gates.shape == (height, (1 + NUM_GATES) * width, 3)
+        panel_h, panel_w = drawn_size(height, width, min(scale, 640 / max(height, width)))
+        assert gates.shape == (panel_h + colorbar_height(panel_h), (1 + NUM_GATES) * panel_w, 3)
     assert len(list(tmp_path.glob("*.png"))) == 3 * 5
 
 
@@ -78,11 +88,13 @@ def test_demo_overlay_gates_skips_unreadable_images(demo, tmp_path):
     out = tmp_path / "out"
     status = demo.main(
         ["--config-file", str(CONFIG), "--input", str(good), str(corrupt), "--output", str(out),
-         "--show-gates", "--gate-layout", "overlay", "--opts", *COCO_OPTS]
+         "--show-gates", "--gate-layout", "overlay", "--allow-random-weights", "--opts", *COCO_OPTS]
     )
     assert status == 1  # the corrupt image was skipped and reported
     height, width = cv2.imread(str(good)).shape[:2]
-    assert _read_png(out / "000000039769_gates.png").shape == (height, width, 3)
+    panel_h, panel_w = drawn_size(height, width, 640 / max(height, width))
+    gates = _read_png(out / "000000039769_gates.png")
+    assert gates.shape == (panel_h + colorbar_height(panel_h), panel_w, 3)
     assert not list(out.glob("broken_*"))
 
 
@@ -90,7 +102,7 @@ def test_demo_writes_only_the_pictures_the_model_supports(demo, tmp_path):
     # No mask attention (plain UNet): no gates; instances turned off: no instances picture.
     status = demo.main(
         ["--config-file", str(CONFIG), "--input", str(COCO_IMAGES / "000000439180.jpg"),
-         "--output", str(tmp_path), "--show-gates", "--opts", *COCO_OPTS,
+         "--output", str(tmp_path), "--show-gates", "--allow-random-weights", "--opts", *COCO_OPTS,
          "MODEL.MASK_ATTN.ENCODER_SCALES", "[]", "MODEL.MASK_ATTN.DECODER_SCALES", "[]",
          "MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_ON", "False"]
     )
@@ -153,13 +165,13 @@ def test_render_gate_heatmaps_layouts_and_colours():
     maps = gate_probability_maps(gates, (40, 60))
     assert maps["enc4"].shape == (40, 60) and float(maps["enc4"].min()) > 0.99
     side = render_gate_heatmaps(image, gates, alpha=1.0)
-    assert side.shape == (40, 180, 3)
+    assert side.shape == (40 + colorbar_height(40), 180, 3)
     # Below the label: gate ~1 is red (JET), gate ~0 is blue, the first panel is the image.
     red, blue = side[30, 60 + 30], side[30, 120 + 30]
     assert red[0] > 100 and red[2] < 50
     assert blue[2] > 100 and blue[0] < 50
     np.testing.assert_array_equal(side[30, 30], image[30, 30])
-    overlay = render_gate_heatmaps(image, gates, layout="overlay", alpha=1.0)
+    overlay = render_gate_heatmaps(image, gates, layout="overlay", alpha=1.0, colorbar=False)
     assert overlay.shape == (40, 60, 3)
     with pytest.raises(ValueError, match="No gates"):
         render_gate_heatmaps(image, {})
@@ -167,6 +179,90 @@ def test_render_gate_heatmaps_layouts_and_colours():
         render_gate_heatmaps(image, gates, layout="grid")
     with pytest.raises(ValueError, match="one image"):
         gate_probability_maps({"enc4": torch.zeros(2, 1, 4, 4)}, (8, 8))
+
+
+def test_small_images_are_drawn_upscaled_and_huge_ones_capped(demo, tmp_path):
+    """Issue 11 item 7: a 128-pixel image is drawn at 512 (labels no longer cover it), a
+    4000x3000 one at 1600x1200 (it took 33 s, 4.2 GB and a 54 MB gates PNG at full size);
+    --min-size 0 keeps the image size."""
+    rng = np.random.default_rng(0)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "small.png"), rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    big = cv2.resize(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), (4000, 3000))
+    cv2.imwrite(str(inputs / "big.jpg"), big)
+    out = tmp_path / "out"
+    args = ["--config-file", str(CONFIG), "--input", str(inputs), "--output", str(out),
+            "--show-gates", "--allow-random-weights"]
+    assert demo.main(args) == 0
+    assert _read_png(out / "small_panoptic.png").shape == (512, 512, 3)
+    assert _read_png(out / "big_panoptic.png").shape == (1200, 1600, 3)
+    gates = _read_png(out / "big_gates.png")
+    assert gates.shape == (480 + colorbar_height(480), (1 + NUM_GATES) * 640, 3)
+    assert (out / "big_gates.png").stat().st_size < 5e6
+    assert demo.main(args[:-2] + ["--allow-random-weights", "--min-size", "0",
+                                  "--output", str(tmp_path / "plain")]) == 0
+    assert _read_png(tmp_path / "plain" / "small_panoptic.png").shape == (128, 128, 3)
+    assert display_scale(100, 200, min_size=512, max_size=800) == 4.0  # 400 x 800
+    assert display_scale(100, 400, min_size=512, max_size=800) == 2.0  # capped by max
+
+
+def test_demo_refuses_random_or_mismatched_weights(demo, tmp_path, caplog):
+    """Issue 11 item 5: without weights, or with a checkpoint of another model, the demo
+    stops (status 2, nothing written) unless --allow-random-weights."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from maskattn_d2 import add_maskattn_config
+    from maskattn_d2.engine import AtomicCheckpointer
+
+    image = str(COCO_IMAGES / "000000439180.jpg")
+    out = tmp_path / "out"
+    base = ["--config-file", str(CONFIG), "--input", image, "--output", str(out)]
+    assert demo.main(base + ["--opts", *COCO_OPTS]) == 2
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.merge_from_file(str(CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    AtomicCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("six_classes")
+    weights = str(tmp_path / "six_classes.pth")  # 6 classes; COCO_OPTS asks for 133
+    assert demo.main(base + ["--weights", weights, "--opts", *COCO_OPTS]) == 2
+    assert not out.exists()
+    assert demo.main(base + ["--weights", weights, "--opts"]) == 0  # the config it fits
+
+
+def test_labels_stay_inside_the_picture():
+    """Labels of segments at the border were clipped ("circle 96%gle 95%"): the readable
+    visualizer moves them inside, and sizes them for the drawn picture."""
+    visualizer = ReadableVisualizer(np.zeros((128, 128, 3), np.uint8), None, scale=4.0)
+    visualizer.draw_text("triangle 95%", (1, 127))
+    visualizer.draw_text("circle 96%", (127, 0))
+    figure = visualizer.output.fig
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    for text in visualizer.output.ax.texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= 512 and box.y0 >= 0 and box.y1 <= 512, box
+        assert box.y1 > 400 or box.x0 < 100  # still near where it was asked for
+        assert 8 <= text.get_fontsize() <= 40  # points, on the 512-pixel picture
+
+
+def test_gate_colours_are_stretched_and_have_a_colour_bar():
+    """Gates of a trained model differ by a few hundredths: "stretch" spans each panel's own
+    range (low blue, high red) and the colour bar under it shows that range."""
+    image = np.full((60, 60, 3), 128, dtype=np.uint8)
+    logits = torch.logit(torch.linspace(0.45, 0.55, 60).repeat(60, 1))  # 0.45 .. 0.55
+    picture = render_gate_heatmaps(image, {"enc4": logits}, alpha=1.0)
+    panel = picture[:60, 60:]
+    assert panel[40, 2, 2] > 100 and panel[40, 2, 0] < 60  # left: blue
+    assert panel[40, -3, 0] > 100 and panel[40, -3, 2] < 60  # right: red
+    full = render_gate_heatmaps(image, {"enc4": logits}, alpha=1.0, value_range="full")
+    spread_full = np.abs(full[40, 62].astype(int) - full[40, 117].astype(int)).max()
+    spread_stretched = np.abs(picture[40, 62].astype(int) - picture[40, 117].astype(int)).max()
+    assert spread_full < 120 and spread_stretched > 150
+    bar = picture[60:, 60:]
+    assert bar.shape[0] == colorbar_height(60)
+    assert bar[2, 1, 2] > 100 and bar[2, -2, 0] > 100  # the bar runs blue -> red
 
 
 @pytest.fixture(autouse=True, scope="module")
