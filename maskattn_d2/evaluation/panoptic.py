@@ -52,7 +52,19 @@ def undefined_pq_is_nan():
 
 class PanopticEvaluator(COCOPanopticEvaluator):
     """COCOPanopticEvaluator whose PQ_th / PQ_st / PQ are NaN, not an exception, when no
-    thing / stuff / segment occurs in the ground truth and the predictions."""
+    thing / stuff / segment occurs in the ground truth and the predictions, and which leaves
+    the model's outputs as they were."""
+
+    def process(self, inputs, outputs):
+        # COCOPanopticEvaluator rewrites segments_info in place (pops "isthing", maps category
+        # ids to dataset ids): evaluators after it (e.g. matching AP) must see the outputs.
+        copies = []
+        for output in outputs:
+            if output.get("panoptic_seg") is not None and output["panoptic_seg"][1] is not None:
+                ids, segments_info = output["panoptic_seg"]
+                output = dict(output, panoptic_seg=(ids, [dict(s) for s in segments_info]))
+            copies.append(output)
+        super().process(inputs, copies)
 
     def evaluate(self):
         with undefined_pq_is_nan():

@@ -325,3 +325,22 @@ def test_cityscapes_panoptic_perfect(cityscapes_panoptic):
     # String image ids, crowd segments and void labels of the Cityscapes layout.
     result = evaluate(MatchingAPEvaluator(cityscapes_panoptic), cityscapes_panoptic)
     assert result["matching_ap"]["mAP"] == 100.0
+
+
+
+def test_matching_ap_after_the_panoptic_evaluator_sees_the_model_outputs(coco_mini, tmp_path):
+    """build_evaluator runs the panoptic evaluator first; detectron2's COCOPanopticEvaluator
+    rewrites segments_info in place (drops "isthing", maps to dataset ids), which made matching
+    AP score every prediction as missed. Together they give the numbers of each alone."""
+    from detectron2.evaluation import DatasetEvaluators
+
+    from maskattn_d2.evaluation import PanopticEvaluator
+
+    from .test_evaluators import evaluate
+
+    both = DatasetEvaluators(
+        [PanopticEvaluator(coco_mini, output_dir=str(tmp_path)), MatchingAPEvaluator(coco_mini)]
+    )
+    results = evaluate(both, coco_mini)
+    assert results["matching_ap"]["mAP"] == 100.0
+    assert results["panoptic_seg"]["PQ"] == pytest.approx(100.0)
