@@ -112,10 +112,13 @@ def add_maskattn_config(cfg):
     cfg.MODEL.EMBED_HEAD.SPATIAL_ON = True
     # Weight of the L1 loss between predicted offsets and offsets to the instance centroid.
     cfg.MODEL.EMBED_HEAD.OFFSET_LOSS_WEIGHT = 1.0
-    # Weight of the squared-error loss of the seed map (0 on background, a Gaussian bump per
-    # instance).
+    # Weight of the binary cross-entropy of the seed map (0 on background, a bump per instance).
     cfg.MODEL.EMBED_HEAD.SEED_LOSS_WEIGHT = 1.0
-    # Width of an instance's Gaussian seed target relative to its equivalent radius
+    # Seed target on an instance: "depth" (distance to the instance's rim, normalised to 1 at
+    # its deepest pixel: local, low where instances touch) or "gaussian" (of the distance to
+    # the centroid, with SEED_SIGMA_SCALE).
+    cfg.MODEL.EMBED_HEAD.SEED_TARGET = "depth"
+    # "gaussian": width of the Gaussian relative to the instance's equivalent radius
     # sqrt(area / pi) (> 0; at least one pixel); 0.5 puts exp(-2) = 0.14 at its rim.
     cfg.MODEL.EMBED_HEAD.SEED_SIGMA_SCALE = 0.5
 
@@ -131,14 +134,21 @@ def add_maskattn_config(cfg):
     # neighbours) above which a pixel joins the cluster, in (-1, 1); closer seeds are merged.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.SIMILARITY_THRESHOLD = 0.9
     # "spatial_embedding": least seed-map value of a seed (a local maximum), in [0, 1).
-    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_THRESHOLD = 0.5
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_THRESHOLD = 0.4
     # "spatial_embedding": a seed whose offset-pointed centre lies closer than this many
     # pixels (network resolution) to a stronger seed's is dropped (>= 0): one seed per centre.
-    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_MIN_DISTANCE = 2.0
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_MIN_DISTANCE = 3.0
     # "spatial_embedding": weight, in squared pixels, of the learned embeddings' cosine
     # distance (1 - cos) added to the squared distance between offset-pointed centres when a
     # pixel picks its seed (>= 0; 0 uses the spatial embedding alone).
     cfg.MODEL.MASK_ATTN_POSTPROCESS.EMBEDDING_WEIGHT = 0.0
+    # "spatial_embedding": a pixel joins only the seeds of its own connected component of the
+    # semantic map (a component without seed is one instance); False lets it join any seed.
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.WITHIN_COMPONENTS = True
+    # Resizing the panoptic map to the image size: True puts thing boundaries where the
+    # bilinearly upsampled thing probability crosses 0.5 (smooth outlines of small objects);
+    # False resizes by nearest neighbour (blocks of network pixels).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.UPSAMPLE_THING_BOUNDARIES = True
     # Instances smaller than this many pixels (at network resolution) are dropped.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.MIN_INSTANCE_AREA = 8
     # Most instances kept per image (highest scores first).

@@ -35,7 +35,8 @@ sizes. Both models see the validation images resized to the network size and pro
 panoptic map at that size, which is resized (nearest) to the image's size: MaskAttn-UNet's
 post-processor does it itself; Panoptic-DeepLab's output is resized by a thin wrapper,
 because its offsets are in network pixels and cannot be upsampled before grouping.
-Writes ``compare_pq.md`` and ``compare_pq.json`` into ``--output-dir`` and prints the table.
+Writes ``compare_pq.md``, ``compare_pq.json`` and MaskAttn-UNet's weights
+(``maskattn_unet/model_final.pth``) into ``--output-dir`` and prints the table.
 PQ_th (PQ over the thing classes) is the column that measures how well instances of one class
 are told apart; PQ_st depends only on the semantic segmentation.
 """
@@ -279,6 +280,10 @@ def _run_maskattn(args, cfg) -> List[Dict]:
     loader = build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
     train_s = train(model, loader, cfg, "MaskAttn-UNet")
     state = model.state_dict()
+    # Kept so that other postprocessing settings can be evaluated on the same weights
+    # (train_net.py --eval-only MODEL.WEIGHTS <this file>).
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    torch.save({"model": state}, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
     for method in INSTANCE_METHODS:
         eval_cfg = cfg.clone()
         eval_cfg.defrost()

@@ -86,6 +86,7 @@ class MaskAttnUNet(nn.Module):
         gate_loss_weight: float = 0.0,
         offset_loss_weight: float = 0.0,
         seed_loss_weight: float = 0.0,
+        seed_target: str = "depth",
         seed_sigma_scale: float = 0.5,
         semantic_on: bool = True,
         instance_on: bool = True,
@@ -108,7 +109,7 @@ class MaskAttnUNet(nn.Module):
                 instance contrastive loss (lambda, tau, sampling), see
                 :func:`instance_contrastive_loss`; weight 0 disables it.
             gate_loss_weight: weight of the gate supervision; 0 disables it.
-            offset_loss_weight, seed_loss_weight, seed_sigma_scale: losses of the spatial
+            offset_loss_weight, seed_loss_weight, seed_target, seed_sigma_scale: losses of the spatial
                 embeddings (when the embedding head predicts them), see
                 :func:`spatial_embedding_losses`.
             semantic_on, instance_on, panoptic_on: which outputs inference returns.
@@ -142,6 +143,7 @@ class MaskAttnUNet(nn.Module):
         self.gate_loss_weight = gate_loss_weight
         self.offset_loss_weight = offset_loss_weight
         self.seed_loss_weight = seed_loss_weight
+        self.seed_target = seed_target
         self.seed_sigma_scale = seed_sigma_scale
         self.semantic_on = semantic_on
         self.instance_on = instance_on
@@ -170,6 +172,8 @@ class MaskAttnUNet(nn.Module):
                 seed_threshold=post.SEED_THRESHOLD,
                 seed_min_distance=post.SEED_MIN_DISTANCE,
                 embedding_weight=post.EMBEDDING_WEIGHT,
+                within_components=post.WITHIN_COMPONENTS,
+                upsample_thing_boundaries=post.UPSAMPLE_THING_BOUNDARIES,
                 min_instance_area=post.MIN_INSTANCE_AREA,
                 max_instances=post.MAX_INSTANCES,
                 stuff_area=post.STUFF_AREA,
@@ -191,6 +195,7 @@ class MaskAttnUNet(nn.Module):
             "gate_loss_weight": cfg.MODEL.MASK_ATTN.GATE_LOSS_WEIGHT,
             "offset_loss_weight": embed.OFFSET_LOSS_WEIGHT,
             "seed_loss_weight": embed.SEED_LOSS_WEIGHT,
+            "seed_target": embed.SEED_TARGET,
             "seed_sigma_scale": embed.SEED_SIGMA_SCALE,
             "semantic_on": post.SEMANTIC_ON,
             "instance_on": post.INSTANCE_ON,
@@ -241,6 +246,7 @@ class MaskAttnUNet(nn.Module):
                     head_outputs["seed_logits"],
                     instance_ids,
                     ignore,
+                    seed_target=self.seed_target,
                     seed_sigma_scale=self.seed_sigma_scale,
                 )
                 losses["loss_offset"] = self.offset_loss_weight * offset_loss
