@@ -145,6 +145,11 @@ def add_maskattn_config(cfg):
     # "spatial_embedding": a pixel joins only the seeds of its own connected component of the
     # semantic map (a component without seed is one instance); False lets it join any seed.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.WITHIN_COMPONENTS = True
+    # "spatial_embedding": two instances of one component whose pixels' offsets point at
+    # places closer than MERGE_RATIO x the larger equivalent radius sqrt(area / pi) are one
+    # object split by a second seed, and are merged (>= 0; 0 disables; touching objects point
+    # about the sum of their radii apart).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.MERGE_RATIO = 1.0
     # Resizing the panoptic map to the image size: True puts thing boundaries where the
     # bilinearly upsampled thing probability crosses 0.5 (smooth outlines of small objects);
     # False resizes by nearest neighbour (blocks of network pixels).

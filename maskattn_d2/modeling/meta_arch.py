@@ -173,6 +173,7 @@ class MaskAttnUNet(nn.Module):
                 seed_min_distance=post.SEED_MIN_DISTANCE,
                 embedding_weight=post.EMBEDDING_WEIGHT,
                 within_components=post.WITHIN_COMPONENTS,
+                merge_ratio=post.MERGE_RATIO,
                 upsample_thing_boundaries=post.UPSAMPLE_THING_BOUNDARIES,
                 min_instance_area=post.MIN_INSTANCE_AREA,
                 max_instances=post.MAX_INSTANCES,

@@ -8,11 +8,14 @@ only builds the ``segments_info`` dicts, from one copy of the per-segment number
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import math
+
 import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
 from .clustering import (
+    _component_maxima,
     _greedy_suppression,
     assign_to_seeds,
     cluster_embeddings,
@@ -327,6 +330,47 @@ def _connected_component_instance_map(
     return instance_map, classes, _mean_class_probability(instance_map, probs, classes)
 
 
+def _merge_split_instances(
+    spatial: torch.Tensor,
+    seed_of_point: torch.Tensor,
+    seed_groups: torch.Tensor,
+    num_seeds: int,
+    merge_ratio: float,
+) -> torch.Tensor:
+    """
+    Merge the instances of seeds whose pixels point at one place: two seeds on one object
+    (a flat or ridged seed map) split it, but the offsets of both halves point at the same
+    centre, whereas two touching objects point at centres about the sum of their radii apart.
+    Instances i, j of one group merge (transitively) when the distance between the means of
+    their pixels' spatial embeddings is below ``merge_ratio`` times the larger of their
+    equivalent radii ``sqrt(area / pi)``.
+
+    Args:
+        spatial: (N, 2) spatial embeddings of the points.
+        seed_of_point: (N,) int64 seed of each point in [0, S), or -1.
+        seed_groups: (S,) int64 group (component) of each seed.
+        num_seeds: S.
+        merge_ratio: see above (> 0).
+
+    Returns:
+        (N,) int64 seed index of each point's merged instance (the largest seed index of its
+        merged set), or -1.
+    """
+    assigned = seed_of_point >= 0
+    slot = torch.where(assigned, seed_of_point, num_seeds)
+    area = torch.bincount(slot, minlength=num_seeds + 1)[:num_seeds].float()
+    sums = spatial.new_zeros(num_seeds + 1, 2).index_add_(0, slot, spatial)[:num_seeds]
+    centre = sums / area.clamp(min=1)[:, None]
+    radius = (area / math.pi).sqrt()
+    close = torch.cdist(centre, centre) < merge_ratio * torch.maximum(
+        radius[:, None], radius[None, :]
+    )
+    close &= seed_groups[:, None] == seed_groups[None, :]
+    u, v = torch.nonzero(close.triu_(diagonal=1), as_tuple=True)
+    root = _component_maxima(num_seeds, u, v)
+    return torch.where(assigned, root.index_select(0, seed_of_point.clamp(min=0)), -1)
+
+
 def _spatial_instance_map(
     sem: torch.Tensor,
     probs: torch.Tensor,
@@ -339,6 +383,7 @@ def _spatial_instance_map(
     min_instance_area: int,
     max_instances: int,
     within_components: bool = True,
+    merge_ratio: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Instances from the spatial embeddings, grouped inside the semantic components.
@@ -355,7 +400,9 @@ def _spatial_instance_map(
        centre of its instance is); it joins the seed of its component whose embedding is
        nearest (:func:`assign_to_seeds`). With ``embedding_weight`` > 0 the learned
        embeddings join the distance: ``w * (1 - cosine)`` is added, in squared pixels.
-    4. A component without a seed becomes one instance (as connected components would).
+    4. With ``merge_ratio`` > 0, instances of one component whose pixels point at one place
+       are merged (:func:`_merge_split_instances`): a second seed on one object splits it.
+    5. A component without a seed becomes one instance (as connected components would).
 
     Returns:
         (h * w,) int64 instance map in [-1, M), classes (M,) int64 and scores (M,) float: the
@@ -392,8 +439,15 @@ def _spatial_instance_map(
         seed_points = points.index_select(0, seed_rows)
     point_groups = components.index_select(0, thing_pixels)
     groups = point_groups if within_components else torch.zeros_like(point_groups)
-    seed_of_point = assign_to_seeds(points, groups, seed_points, groups.index_select(0, seed_rows))
+    seed_of_point = assign_to_seeds(
+        points, groups, seed_points, groups.index_select(0, seed_rows)
+    )
     num_seeds = seeds.numel()
+    seed_groups = groups.index_select(0, seed_rows)
+    if merge_ratio > 0 and num_seeds > 1:
+        seed_of_point = _merge_split_instances(
+            spatial, seed_of_point, seed_groups, num_seeds, merge_ratio
+        )
     # Seedless components become instances num_seeds + (their component label).
     label = torch.where(seed_of_point >= 0, seed_of_point, num_seeds + point_groups)
     num_labels = num_seeds + int(components.max()) + 1 if components.numel() else num_seeds
@@ -412,7 +466,10 @@ def _spatial_instance_map(
     label_seed = label_seed.scatter_reduce(
         0, label, seed_values.index_select(0, thing_pixels), "amax", include_self=True
     )
-    label_seed[:num_seeds] = seed_values.index_select(0, seeds)
+    # A seeded (possibly merged) instance scores the strongest seed among its pixels' seeds.
+    label_seed[:num_seeds] = seed_values.new_zeros(num_seeds).scatter_reduce(
+        0, seed_of_point.index_select(0, seed_rows), seed_values.index_select(0, seeds), "amax"
+    )
     mean_prob = _mean_class_probability(instance_map, probs, classes)
     return instance_map, classes, mean_prob * label_seed[keep]
 
@@ -663,6 +720,7 @@ class MaskAttnPostProcessor:
         seed_min_distance: float = 3.0,
         embedding_weight: float = 0.0,
         within_components: bool = True,
+        merge_ratio: float = 1.0,
         upsample_thing_boundaries: bool = True,
         min_instance_area: int = 8,
         max_instances: int = 100,
@@ -686,6 +744,9 @@ class MaskAttnPostProcessor:
                 embeddings' cosine distance beside the spatial distance; 0 ignores them.
             within_components: "spatial_embedding": a pixel joins only seeds of its own
                 semantic connected component (False: any seed; the ablation).
+            merge_ratio: "spatial_embedding": instances of one component whose pixels point
+                at centres closer than this times the larger equivalent radius are merged
+                (>= 0; 0 disables).
             upsample_thing_boundaries: resize the panoptic map with thing boundaries from the
                 upsampled thing probability (:func:`upsample_segment_map`); False: nearest.
             min_instance_area: instances with fewer pixels (network resolution) are dropped.
@@ -712,6 +773,8 @@ class MaskAttnPostProcessor:
             raise ValueError(f"seed_threshold must be in [0, 1), got {seed_threshold}.")
         if seed_min_distance < 0:
             raise ValueError(f"seed_min_distance must be >= 0, got {seed_min_distance}.")
+        if merge_ratio < 0:
+            raise ValueError(f"merge_ratio must be >= 0, got {merge_ratio}.")
         if embedding_weight < 0:
             raise ValueError(f"embedding_weight must be >= 0, got {embedding_weight}.")
         if max_instances < 1:
@@ -730,6 +793,7 @@ class MaskAttnPostProcessor:
         self.embedding_weight = embedding_weight
         self.within_components = within_components
         self.upsample_thing_boundaries = upsample_thing_boundaries
+        self.merge_ratio = merge_ratio
         self.min_instance_area = min_instance_area
         self.max_instances = max_instances
         self.stuff_area = stuff_area
@@ -773,6 +837,7 @@ class MaskAttnPostProcessor:
                 seed_min_distance=self.seed_min_distance,
                 embedding_weight=self.embedding_weight,
                 within_components=self.within_components,
+                merge_ratio=self.merge_ratio,
                 min_instance_area=self.min_instance_area,
                 max_instances=self.max_instances,
             )

@@ -191,18 +191,23 @@ def panoptic_quality(tmp_path, gt_ids, gt_segments, pred_ids, pred_segments):
 
 def test_overfits_one_panoptic_image(tmp_path):
     """A small MaskAttn-UNet learns one scene (two touching same-class instances included)
-    to PQ >= 90 in a fixed number of CPU iterations."""
+    to PQ >= 90 in a fixed number of CPU iterations (200, with margin: PQ 100 after 120 at
+    1 and 2 threads)."""
     torch.manual_seed(0)
+    # The small-things recipe of the CPU configs (CE + Dice, hard-pixel mining): with plain
+    # CE the lone small box of class 1 is learned late and depends on the thread count.
     cfg = small_cfg(
         **{"MODEL.MASK_ATTN_POSTPROCESS.MIN_INSTANCE_AREA": 16,
-           "MODEL.MASK_ATTN_POSTPROCESS.STUFF_AREA": 16}
+           "MODEL.MASK_ATTN_POSTPROCESS.STUFF_AREA": 16,
+           "MODEL.SEM_SEG_HEAD.CE_WEIGHT": 0.5,
+           "MODEL.SEM_SEG_HEAD.TOP_K_PERCENT_PIXELS": 0.2}
     )
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     inputs = training_inputs(batch=2)
     first_loss = None
     with EventStorage():
-        for _ in range(120):
+        for _ in range(200):
             losses = model(inputs)
             loss = sum(losses.values())
             first_loss = first_loss if first_loss is not None else loss.item()

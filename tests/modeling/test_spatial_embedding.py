@@ -230,3 +230,44 @@ def test_depth_seed_target_has_a_valley_between_touching_instances():
     depth = instance_depth(ids)[0]
     assert depth[3, 3] == 1 and depth[3, 8] == 1  # centres
     assert depth[3, 5] == depth[3, 6] == pytest.approx(1 / 3)  # the contact columns
+
+
+def test_two_seeds_on_one_object_merge_but_touching_objects_stay_apart():
+    """A 10x16 box of one object with two seed peaks (a ridge) and imprecise offsets (its
+    halves point 3 px apart, near its centre) is cut in two without merging and is one
+    instance with it; two touching 10x8 boxes, pointing at their own centres 8 px apart, stay
+    two instances."""
+    h, w = 14, 40
+    sem = torch.zeros(h, w, dtype=torch.long)
+    offsets = torch.zeros(2, h, w)
+    seed_map = torch.full((h, w), 0.01)
+    ys, xs = torch.meshgrid(torch.arange(h * 1.0), torch.arange(w * 1.0), indexing="ij")
+
+    def box(rows, cols, centre):
+        sem[rows, cols] = 1
+        offsets[0, rows, cols] = centre[0] - ys[rows, cols]
+        offsets[1, rows, cols] = centre[1] - xs[rows, cols]
+
+    box(slice(2, 12), slice(1, 9), (6.5, 7.0))  # one object whose halves point 3 px apart
+    box(slice(2, 12), slice(9, 17), (6.5, 10.0))
+    seed_map[6, 4], seed_map[6, 13] = 0.9, 0.8  # ... with two seeds 9 px apart
+    box(slice(2, 12), slice(20, 28), (6.5, 23.5))  # two touching objects
+    box(slice(2, 12), slice(28, 36), (6.5, 31.5))
+    seed_map[6, 23], seed_map[6, 31] = 0.9, 0.9
+    probs = F.one_hot(sem, 2).permute(2, 0, 1).float()
+    head_outputs = {"offsets": offsets, "seed_logits": torch.logit(seed_map)[None]}
+
+    def instances(merge_ratio):
+        instance_map, _, _ = _spatial_instance_map(
+            sem, probs, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
+            seed_min_distance=0.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
+            merge_ratio=merge_ratio,
+        )
+        instance_map = instance_map.view(h, w)
+        return [instance_map[2:12, a:b].unique().tolist() for a, b in ((1, 17), (20, 28), (28, 36))]
+
+    split, touching_a, touching_b = instances(merge_ratio=0.0)
+    assert len(split) == 2  # without merging the object is cut in two
+    merged, touching_a, touching_b = instances(merge_ratio=1.0)
+    assert len(merged) == 1 and len(touching_a) == 1 and len(touching_b) == 1
+    assert len({merged[0], touching_a[0], touching_b[0]}) == 3
