@@ -46,6 +46,20 @@ def default_cache_dir() -> str:
 PATH_KEYS = ("image_root", "panoptic_root", "panoptic_json", "json_file", "sem_seg_root")
 
 
+def coco_layout_paths(root: str, split: str) -> Dict[str, str]:
+    """Metadata paths of split ``split`` of a dataset written in the COCO panoptic layout of
+    this project's generators and prepare scripts (``<root>/<split>/`` images and
+    ``<root>/annotations/{panoptic,instances,panoptic_semseg}_<split>...``)."""
+    ann = os.path.join(root, "annotations")
+    return {
+        "image_root": os.path.join(root, split),
+        "panoptic_root": os.path.join(ann, f"panoptic_{split}"),
+        "panoptic_json": os.path.join(ann, f"panoptic_{split}.json"),
+        "json_file": os.path.join(ann, f"instances_{split}.json"),
+        "sem_seg_root": os.path.join(ann, f"panoptic_semseg_{split}"),
+    }
+
+
 def _fallback_color(index: int) -> List[int]:
     """A deterministic colour for categories that come without one."""
     return [(53 * index + 71) % 256, (97 * index + 29) % 256, (151 * index + 113) % 256]

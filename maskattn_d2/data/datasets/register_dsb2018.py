@@ -20,7 +20,7 @@ are resolved (registration, for the evaluators' metadata, and each load), never 
 import os
 from typing import Dict, List, Optional
 
-from .panoptic_json import panoptic_metadata, register_panoptic_dataset
+from .panoptic_json import coco_layout_paths, panoptic_metadata, register_panoptic_dataset
 
 __all__ = [
     "DSB2018_CATEGORIES",
@@ -48,14 +48,7 @@ def _datasets_root() -> str:
 def dsb2018_paths(root: str, split: str) -> Dict[str, str]:
     """Metadata paths of split ``split`` of the prepared DSB 2018 data in folder ``root``
     (the ``dsb2018`` folder itself)."""
-    ann = os.path.join(root, "annotations")
-    return {
-        "image_root": os.path.join(root, split),
-        "panoptic_root": os.path.join(ann, f"panoptic_{split}"),
-        "panoptic_json": os.path.join(ann, f"panoptic_{split}.json"),
-        "json_file": os.path.join(ann, f"instances_{split}.json"),
-        "sem_seg_root": os.path.join(ann, f"panoptic_semseg_{split}"),
-    }
+    return coco_layout_paths(root, split)
 
 
 def register_dsb2018_panoptic(root: Optional[str] = None) -> List[str]:

@@ -14,7 +14,12 @@ instances json is asked for (``ensure_instances_json``).
 import os
 from typing import Dict, List, Optional
 
-from .panoptic_json import default_cache_dir, panoptic_metadata, register_panoptic_dataset
+from .panoptic_json import (
+    coco_layout_paths,
+    default_cache_dir,
+    panoptic_metadata,
+    register_panoptic_dataset,
+)
 from .synthetic import SYNTHETIC_CATEGORIES, SYNTHETIC_VERSION, generate_synthetic_panoptic
 
 __all__ = [
@@ -53,14 +58,7 @@ def synthetic_root(
 
 def synthetic_paths(root: str, split: str) -> Dict[str, str]:
     """Metadata paths of split "train" or "val" of a synthetic dataset under ``root``."""
-    ann = os.path.join(root, "annotations")
-    return {
-        "image_root": os.path.join(root, split),
-        "panoptic_root": os.path.join(ann, f"panoptic_{split}"),
-        "panoptic_json": os.path.join(ann, f"panoptic_{split}.json"),
-        "json_file": os.path.join(ann, f"instances_{split}.json"),
-        "sem_seg_root": os.path.join(ann, f"panoptic_semseg_{split}"),
-    }
+    return coco_layout_paths(root, split)
 
 
 def register_synthetic_panoptic(
