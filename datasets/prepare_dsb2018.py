@@ -39,7 +39,7 @@ import sys
 import time
 import zipfile
 from multiprocessing import Pool
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from panopticapi.utils import id2rgb
@@ -200,7 +200,9 @@ def _decode(data: bytes, where: str, what: str, convert):
         raise ValueError(f"unreadable {what} {where}: {e}") from e
 
 
-def dsb_panoptic(masks: Sequence[np.ndarray], shape: Tuple[int, int]) -> Tuple[np.ndarray, List[Dict]]:
+def dsb_panoptic(
+    masks: Sequence[np.ndarray], shape: Tuple[int, int]
+) -> Tuple[np.ndarray, List[Dict]]:
     """Panoptic ids of one image from its nucleus masks.
 
     Args:

@@ -23,7 +23,7 @@ the joint ids of ground truth and prediction), at the ground truth's original si
 import itertools
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 

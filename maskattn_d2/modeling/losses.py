@@ -432,8 +432,9 @@ def spatial_embedding_losses(
       instances touch); with ``"gaussian"``, ``exp(-d^2 / (2 sigma^2))``, d the distance to
       the instance's centroid and ``sigma = seed_sigma_scale * sqrt(area / pi)`` (at least one
       pixel; SpatialEmbeddings' seed map with a fixed bandwidth). 0 elsewhere. Every
-      instance, small or large, peaks near 1. Binary cross-entropy with these soft targets (its gradient
-      does not vanish where the sigmoid saturates, unlike a squared error of the sigmoid),
+      instance, small or large, peaks near 1. Binary cross-entropy with these soft targets
+      (its gradient does not vanish where the sigmoid saturates, unlike a squared error of the
+      sigmoid),
       averaged over instance pixels and over the other valid pixels separately and summed, so
       that the few instance pixels weigh as much as the background.
 

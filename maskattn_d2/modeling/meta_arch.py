@@ -3,7 +3,7 @@
 Training returns a loss dict; inference returns detectron2's standard per-image outputs
 (``sem_seg``, ``instances``, ``panoptic_seg``) at each image's original size.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +109,8 @@ class MaskAttnUNet(nn.Module):
                 instance contrastive loss (lambda, tau, sampling), see
                 :func:`instance_contrastive_loss`; weight 0 disables it.
             gate_loss_weight: weight of the gate supervision; 0 disables it.
-            offset_loss_weight, seed_loss_weight, seed_target, seed_sigma_scale: losses of the spatial
-                embeddings (when the embedding head predicts them), see
+            offset_loss_weight, seed_loss_weight, seed_target, seed_sigma_scale: losses of the
+                spatial embeddings (when the embedding head predicts them), see
                 :func:`spatial_embedding_losses`.
             semantic_on, instance_on, panoptic_on: which outputs inference returns.
         """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from panopticapi.utils import id2rgb, rgb2id
+from panopticapi.utils import rgb2id
 from PIL import Image
 from pycocotools.coco import COCO
 from scipy import ndimage

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import Instances
 from panopticapi.evaluation import PQStat
 
 from maskattn_d2.evaluation import build_evaluator, format_results_summary, undefined_pq_is_nan

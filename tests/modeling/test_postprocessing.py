@@ -73,7 +73,8 @@ def _scene(device, with_things=True, seed=0):
     logits = F.one_hot(sem, 5).permute(2, 0, 1).float() * 6 + 0.5 * torch.randn(
         5, *NET, generator=g
     )
-    outputs = {"embeddings": embeddings, "offsets": offsets, "seed_logits": torch.logit(seeds, 1e-4)}
+    seed_logits = torch.logit(seeds, 1e-4)
+    outputs = {"embeddings": embeddings, "offsets": offsets, "seed_logits": seed_logits}
     return logits.to(device), {k: v.to(device) for k, v in outputs.items()}
 
 

@@ -8,7 +8,6 @@ from the same trained weights.
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
