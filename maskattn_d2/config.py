@@ -187,6 +187,12 @@ def add_maskattn_config(cfg):
     # Name of the train dataset mapper: "MaskAttnPanopticMapper".
     cfg.INPUT.DATASET_MAPPER_NAME = "MaskAttnPanopticMapper"
 
+    # ----------------------------------------------------------------- datasets
+    # Train from the low-resolution copies of DATASETS.TRAIN (registered as
+    # "<name>_lowres<N>", written by datasets/prepare_lowres_copy.py) whose images have short
+    # side N pixels; 0 trains from the original files. Evaluation always reads the originals.
+    cfg.DATASETS.TRAIN_LOWRES_SHORT_SIDE = 0
+
     # ------------------------------------------------------------------- solver
     # Optimizer: "ADAMW" (both papers) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import build_dataset_mapper
+from ..data.datasets import lowres_train_config
 from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
 
@@ -247,6 +248,8 @@ class MaskAttnTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        # DATASETS.TRAIN_LOWRES_SHORT_SIDE: read the small training copies (training only).
+        cfg = lowres_train_config(cfg)
         return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
 
     @classmethod

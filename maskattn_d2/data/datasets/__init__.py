@@ -5,6 +5,12 @@ called from ``maskattn_d2/__init__.py``). COCO panoptic and Cityscapes panoptic 
 detectron2's own builtin registrations ("coco_2017_{train,val}_panoptic",
 "cityscapes_fine_panoptic_{train,val}").
 """
+from .lowres_copy import (
+    lowres_dataset_name,
+    lowres_train_config,
+    register_lowres_copy,
+    write_lowres_copy,
+)
 from .panoptic_json import (
     default_cache_dir,
     ensure_instances_json,
@@ -37,6 +43,8 @@ __all__ = [
     "ensure_instances_json",
     "generate_synthetic_panoptic",
     "load_panoptic_json",
+    "lowres_dataset_name",
+    "lowres_train_config",
     "panoptic_metadata",
     "prepare_dataset_files",
     "read_image_checked",
@@ -45,9 +53,11 @@ __all__ = [
     "register_all_maskattn_datasets",
     "register_coco_mini_panoptic",
     "register_dsb2018_panoptic",
+    "register_lowres_copy",
     "register_panoptic_dataset",
     "register_synthetic_panoptic",
     "render_scene",
+    "write_lowres_copy",
 ]
 
 
