@@ -4,6 +4,7 @@
     python tools/benchmark.py                              # 4 variants + 3 peers, 128x128, CPU
     python tools/benchmark.py --models unet_128 maskattn_unet_128 --batch-sizes 1 --no-train
     python tools/benchmark.py --devices cuda --bf16        # on a GPU machine
+    python tools/benchmark.py --loader                     # data loader: originals vs copies
 
 Models: one per ``--configs`` YAML (default ``configs/variants/*.yaml``, named by file stem)
 and the peers ``panoptic_deeplab_r50`` (detectron2's Panoptic-DeepLab project, config written
@@ -35,6 +36,11 @@ Outputs in ``--output-dir``: ``benchmark.md`` (the table, also printed), ``bench
 parameters). The default run takes about 2 minutes on 2 idle CPU cores. Multi-threaded CPU
 timings are very sensitive to other busy processes (threads wait for each other at every op):
 compare rows of one run on an otherwise idle machine, and check ``network_s`` in the JSON.
+
+``--loader`` measures the training data loader instead: images/s of one worker (the training
+mapper, one thread) on the original files of each ``--loader-datasets`` dataset and on its
+low-resolution copy (``datasets/prepare_lowres_copy.py``; written into the cache first if
+missing), printed and written to ``loader.md`` / ``loader.json``.
 """
 import argparse
 import contextlib
@@ -103,6 +109,20 @@ def get_parser() -> argparse.ArgumentParser:
     precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="./output/benchmark")
+    parser.add_argument(
+        "--loader", action="store_true",
+        help="measure the training data loader instead of the models: images/s of one worker "
+        "(the training mapper in this process, 1 thread) on each --loader-datasets dataset, "
+        "from its original files and from its low-resolution copy (written first if missing)",
+    )
+    parser.add_argument(
+        "--loader-datasets", nargs="+", default=["coco_mini_panoptic_val"], metavar="NAME",
+        help="registered panoptic datasets for --loader",
+    )
+    parser.add_argument("--loader-short-side", type=int, default=160,
+                        help="short side of the low-resolution copies for --loader")
+    parser.add_argument("--loader-images", type=int, default=150,
+                        help="mapper calls timed per dataset and source for --loader")
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER,
         help="config overrides applied to every --configs model (KEY VALUE pairs)",
@@ -430,6 +450,94 @@ def run_worker(name: str, device: str, argv: Sequence[str]) -> Dict:
     return result
 
 
+# --------------------------------------------------------------------------- data loader
+def loader_images_per_s(mapper, dicts: Sequence[Dict], num_images: int) -> Tuple[float, float]:
+    """(images/s by wall clock, images/s by this process's CPU time) of ``mapper`` over
+    ``num_images`` calls cycling through ``dicts``, after one untimed pass over them (so both
+    sources start from the OS file cache). On a shared machine the CPU-time figure is the
+    steadier one: it leaves out the time other processes held the core."""
+    dicts = list(dicts)[:num_images]
+    for d in dicts:
+        mapper(d)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(num_images):
+        mapper(dicts[i % len(dicts)])
+    return num_images / (time.perf_counter() - wall), num_images / (time.process_time() - cpu)
+
+
+def measure_loader(dataset: str, args) -> Dict:
+    """Training-mapper images/s of one worker on ``dataset`` and on its low-res copy."""
+    from detectron2.data import DatasetCatalog
+
+    from maskattn_d2.data import build_dataset_mapper
+    from maskattn_d2.data.datasets import register_lowres_copy, write_lowres_copy
+
+    write_lowres_copy(dataset, args.loader_short_side)  # no-op when the copy exists
+    result = {"dataset": dataset, "short_side": args.loader_short_side}
+    speeds, cpu_speeds = {}, {}
+    lowres = register_lowres_copy(dataset, args.loader_short_side)
+    for source, name in (("original", dataset), ("lowres", lowres)):
+        cfg = maskattn_config(args.configs[0], args, "cpu").clone()
+        cfg.defrost()
+        cfg.DATASETS.TRAIN = (name,)
+        dicts = DatasetCatalog.get(name)[: args.loader_images]
+        np.random.seed(args.seed)
+        mapper = build_dataset_mapper(cfg, is_train=True)
+        speeds[source], cpu_speeds[source] = loader_images_per_s(
+            mapper, dicts, args.loader_images
+        )
+        sizes = sorted((d["height"], d["width"]) for d in dicts)
+        result.setdefault("median_size", {})[source] = list(sizes[len(sizes) // 2])
+        result["distinct_images"] = len(dicts)
+    result.update(images_per_s=speeds, images_per_cpu_s=cpu_speeds)
+    result["speedup"] = speeds["lowres"] / speeds["original"]
+    result["speedup_cpu"] = cpu_speeds["lowres"] / cpu_speeds["original"]
+    return result
+
+
+def format_loader_table(results: Sequence[Dict]) -> str:
+    header = ["Dataset", "Images", "Median HxW", "Original (img/s)", "Low-res copy", "Copy HxW",
+              "Copy (img/s)", "Speed-up", "Speed-up, CPU time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in results:
+        size, speed = r["median_size"], r["images_per_s"]
+        lines.append("| " + " | ".join([
+            r["dataset"], str(r["distinct_images"]), "x".join(map(str, size["original"])),
+            _fmt(speed["original"]), f"short side {r['short_side']}",
+            "x".join(map(str, size["lowres"])), _fmt(speed["lowres"]), f"{r['speedup']:.1f}x",
+            f"{r['speedup_cpu']:.1f}x",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def loader_main(args) -> List[Dict]:
+    """``--loader``: the loader table, printed and written to ``loader.{md,json}``."""
+    if args.loader_images < 1 or args.loader_short_side < 1:
+        raise ValueError("--loader-images and --loader-short-side must be >= 1")
+    torch.set_num_threads(1)  # one data-loader worker is one single-threaded process
+    results = []
+    for dataset in args.loader_datasets:
+        print(f"[benchmark] loader on {dataset} ...", flush=True)
+        results.append(measure_loader(dataset, args))
+    markdown = "\n".join([
+        f"# Training data loader, one worker (1 thread, {args.loader_images} mapper calls)",
+        "",
+        format_loader_table(results),
+        "",
+        f"Mapper of {Path(args.configs[0]).name} at {args.size[0]}x{args.size[1]} (training "
+        "augmentations), files in the OS cache; img/s by wall clock, the last column by the "
+        "process's CPU time (steadier on a shared machine). "
+        + time.strftime("%Y-%m-%d %H:%M:%S"),
+    ])
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "loader.md"), "w") as f:
+        f.write(markdown + "\n")
+    with open(os.path.join(args.output_dir, "loader.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(markdown)
+    return results
+
+
 # --------------------------------------------------------------------------- reporting
 def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
@@ -558,6 +666,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         worker_main(args)
         return []
     _check_args(args)
+    if args.loader:
+        return loader_main(args)
     names = model_names(args)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
