@@ -191,6 +191,11 @@ def training_speed(output_dir: Path, batch: int) -> Optional[Dict]:
             "data_time_s": statistics.median(data) if data else None}
 
 
+def _rate(images_per_s: float) -> str:
+    """Images/s with thousands separators, or 3 significant digits below 100 (CPU runs)."""
+    return f"{images_per_s:,.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
+
+
 def benchmark_speeds(path: Path) -> List[str]:
     """One line per model: inference images/s (network + post-processing, largest batch)
     and training images/s, from the benchmark's JSON."""
@@ -204,10 +209,10 @@ def benchmark_speeds(path: Path) -> List[str]:
         parts = []
         for batch, lat in sorted(r["latency"].items(), key=lambda kv: int(kv[0])):
             seconds = (lat["network_ms"] + lat["postprocess_ms"]) / 1000.0
-            parts.append(f"batch {batch}: {int(batch) / seconds:,.0f} img/s")
+            parts.append(f"batch {batch}: {_rate(int(batch) / seconds)} img/s")
         train = r.get("train", {}).get("images_per_s")
         text = f"  {r['name']} ({r['device']}): inference " + ", ".join(parts)
-        lines.append(text + (f"; training {train:,.0f} img/s" if train else ""))
+        lines.append(text + (f"; training {_rate(train)} img/s" if train else ""))
     return lines
 
 
@@ -247,8 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if speed:
         data = speed["data_time_s"]
         print(
-            f"- training, coco_panoptic_128.yaml (133 classes, AMP, batch {batch}) on synthetic "
-            f"scenes: {speed['images_per_s']:,.0f} img/s ({speed['iteration_s'] * 1000:.0f} ms "
+            f"- training, coco_panoptic_128.yaml (133 classes, "
+            + ("AMP, " if args.device == "cuda" else "")
+            + f"batch {batch}) on synthetic scenes: {_rate(speed['images_per_s'])} img/s "
+            f"({speed['iteration_s'] * 1000:.0f} ms "
             f"per iteration" + (f", of which {data * 1000:.0f} ms waiting for data)" if data
                                 is not None else ")")
         )
