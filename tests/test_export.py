@@ -271,3 +271,54 @@ def test_export_tool_rejects_bad_input(export_tool, tmp_path, capsys):
     assert info.value.code == 2
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the demo
+# The quick config with the COCO sample's 133 classes (as tests/test_demo.py).
+COCO_OPTS = [
+    "DATASETS.TRAIN", "('coco_mini_panoptic_val',)",
+    "DATASETS.TEST", "('coco_mini_panoptic_val',)",
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "133",
+]
+
+
+def test_demo_onnxruntime_backend_draws_what_the_torch_backend_draws(tmp_path):
+    import cv2
+
+    spec = importlib.util.spec_from_file_location("maskattn_demo_export", REPO / "demo" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    image = _coco_images()[0]
+    cfg = _cfg(QUICK, COCO_OPTS)
+    model = _random_model(cfg, seed=5)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    network = ExportableNetwork(model)
+    onnx_path = str(tmp_path / "model.onnx")
+    export_onnx(network, onnx_path, metadata=network_metadata(cfg, network))
+    common = ["--config-file", str(QUICK), "--input", str(image), "--show-embeddings",
+              "--show-gates", "--min-size", "0"]
+    opts = [*COCO_OPTS, "MODEL.MASK_ATTN_POSTPROCESS.MAX_INSTANCES", "8"]  # quicker drawing
+    np.random.seed(0)  # the Visualizer jitters instance colours with numpy's global generator
+    assert demo.main([*common, "--output", str(tmp_path / "torch"), "--weights", str(weights),
+                      "--opts", *opts]) == 0
+    np.random.seed(0)
+    assert demo.main([*common, "--output", str(tmp_path / "ort"), "--backend", "onnxruntime",
+                      "--onnx-model", onnx_path, "--opts", *opts]) == 0
+    stem = image.stem
+    for kind in ("panoptic", "instances", "semantic"):
+        want = cv2.imread(str(tmp_path / "torch" / f"{stem}_{kind}.png"))
+        got = cv2.imread(str(tmp_path / "ort" / f"{stem}_{kind}.png"))
+        assert got is not None and np.array_equal(got, want), kind
+    want = cv2.imread(str(tmp_path / "torch" / f"{stem}_embeddings.png")).astype(int)
+    got = cv2.imread(str(tmp_path / "ort" / f"{stem}_embeddings.png")).astype(int)
+    assert np.abs(got - want).mean() < 1.0  # PCA of embeddings equal within float noise
+    assert (tmp_path / "torch" / f"{stem}_gates.png").is_file()
+    assert not (tmp_path / "ort" / f"{stem}_gates.png").exists()  # not exported
+    # --onnx-model without --backend onnxruntime (and the reverse) is refused.
+    assert demo.main([*common, "--output", str(tmp_path / "x"), "--onnx-model", onnx_path,
+                      "--opts", *COCO_OPTS]) == 2
+    assert demo.main([*common, "--output", str(tmp_path / "x"), "--backend", "onnxruntime",
+                      "--opts", *COCO_OPTS]) == 2
+    assert demo.main([*common, "--output", str(tmp_path / "x"), "--backend", "onnxruntime",
+                      "--onnx-model", str(tmp_path / "none.onnx"), "--opts", *COCO_OPTS]) == 2
