@@ -20,5 +20,10 @@ setup(
         "scipy",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # tools/export_model.py --format onnx and the onnxruntime backend (maskattn_d2.export);
+        # ml_dtypes (onnx's dependency) from 0.6 on needs numpy 2, which detectron2 does not run
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.17", "ml_dtypes<0.6"],
+    },
 )

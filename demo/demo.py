@@ -15,7 +15,10 @@ size), with ``--show-gates`` ``<stem>_gates.png`` (see ``--gate-layout``; panels
 640 pixels, each gate with a colour bar of its value range).
 
 Without ``--weights`` (or MODEL.WEIGHTS), or with a checkpoint that does not fit the model,
-the demo stops (exit status 2) unless ``--allow-random-weights``. ``--register-module
+the demo stops (exit status 2) unless ``--allow-random-weights``. ``--backend onnxruntime
+--onnx-model export/model.onnx`` predicts with a network written by ``tools/export_model.py``
+instead (its weights are in the file; pass the config it wrote, ``config.yaml``, or the one
+it was exported from); it has no gates to draw. ``--register-module
 my_datasets.py`` imports a module that registers the dataset named by DATASETS.TEST first.
 
 Inputs: files, glob patterns and folders (their images, not recursive). A path that does not
@@ -46,6 +49,7 @@ from maskattn_d2.engine import (
     import_user_modules,
     load_inference_weights,
 )
+from maskattn_d2.export import ONNXRuntimePredictor
 from maskattn_d2.utils.visualization import GATE_LAYOUTS, display_scale
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +82,14 @@ def get_parser() -> argparse.ArgumentParser:
         help="import MODULE first (path to a .py file, or a module name on sys.path or in the "
         "working directory), e.g. one that registers the dataset named by DATASETS.TEST; "
         "repeatable",
+    )
+    parser.add_argument(
+        "--backend", choices=["torch", "onnxruntime"], default="torch",
+        help="torch: the PyTorch model (MODEL.WEIGHTS); onnxruntime: the --onnx-model file",
+    )
+    parser.add_argument(
+        "--onnx-model", default=None, metavar="FILE",
+        help="model.onnx written by tools/export_model.py (with --backend onnxruntime)",
     )
     parser.add_argument(
         "--confidence-threshold", type=float, default=0.5,
@@ -183,8 +195,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ImportError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2
+    if (args.backend == "onnxruntime") != (args.onnx_model is not None):
+        logger.error("--onnx-model FILE goes with --backend onnxruntime, and only with it.")
+        return 2
     cfg = setup_cfg(args)
-    if not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
+    if args.backend == "torch" and not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
         logger.error(
             "No weights: pass --weights (or MODEL.WEIGHTS) with a checkpoint of this config, "
             "or --allow-random-weights to draw an untrained model on purpose."
@@ -200,19 +215,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         return 2
     torch.manual_seed(0)  # parameters the weights do not set are random, but reproducible
+    predictor = None
+    if args.backend == "onnxruntime":
+        try:
+            predictor = ONNXRuntimePredictor(cfg, args.onnx_model)
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            logger.error("%s", e)
+            return 2
     demo = VisualizationDemo(
         cfg,
         confidence_threshold=args.confidence_threshold,
         show_embeddings=args.show_embeddings,
         show_gates=args.show_gates,
         gate_layout=args.gate_layout,
+        predictor=predictor,
     )
     try:
-        # Loads MODEL.WEIGHTS again, checking that it fits the model (DefaultPredictor only
-        # logs a warning per parameter it cannot load).
-        load_inference_weights(
-            demo.predictor.model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights
-        )
+        if predictor is None:
+            # Loads MODEL.WEIGHTS again, checking that it fits the model (DefaultPredictor only
+            # logs a warning per parameter it cannot load).
+            load_inference_weights(
+                demo.predictor.model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights
+            )
     except (WeightsError, RuntimeError) as e:
         logger.error("%s", e)
         return 2

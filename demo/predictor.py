@@ -44,6 +44,7 @@ class VisualizationDemo:
         show_embeddings: bool = False,
         show_gates: bool = False,
         gate_layout: str = "side_by_side",
+        predictor=None,
     ):
         """
         Args:
@@ -54,6 +55,8 @@ class VisualizationDemo:
             show_embeddings: also draw the pixel embeddings (PCA -> RGB).
             show_gates: also draw the mask-attention gates.
             gate_layout: "side_by_side" or "overlay", see :func:`render_gate_heatmaps`.
+            predictor: what predicts, with DefaultPredictor's interface (default
+                ``DefaultPredictor(cfg)``), e.g. ``maskattn_d2.export.ONNXRuntimePredictor``.
         """
         if not len(cfg.DATASETS.TEST):
             raise ValueError("The demo needs DATASETS.TEST: its first dataset names the classes.")
@@ -68,7 +71,7 @@ class VisualizationDemo:
                 f"{'no' if classes is None else len(classes)} classes but the model predicts "
                 f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}: the pictures would be mislabelled."
             )
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = DefaultPredictor(cfg) if predictor is None else predictor
         self.confidence_threshold = confidence_threshold
         self.show_embeddings = show_embeddings
         self.show_gates = show_gates
@@ -119,6 +122,8 @@ class VisualizationDemo:
                         interpolation=cv2.INTER_AREA if gate_scale < 1 else cv2.INTER_NEAREST,
                     )
                     pictures["gates"] = render_gate_heatmaps(panel, gates, layout=self.gate_layout)
+                elif not hasattr(self.predictor.model, "backbone"):
+                    self.gates_unavailable = "the exported network does not output the gates"
                 else:
                     self.gates_unavailable = (
                         "the model has no gated mask attention (MODEL.MASK_ATTN.MASK_KIND "
@@ -144,12 +149,16 @@ class VisualizationDemo:
     @torch.no_grad()
     def _embeddings_and_gates(self, image: np.ndarray):
         """(D, h, w) pixel embeddings and {name: (1, h_s, w_s)} gate logits of the image, from
-        the same input the predictor builds (a second pass through the backbone)."""
+        the same input the predictor builds (a second pass through the backbone; an exported
+        network gives its embeddings output and no gates)."""
         predictor = self.predictor
         model = predictor.model
         original = image[:, :, ::-1] if predictor.input_format == "RGB" else image
         resized = predictor.aug.get_transform(original).apply_image(original)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+        if not hasattr(model, "backbone"):  # maskattn_d2.export.ONNXRuntimeModel
+            _, head_outputs = model.inference([{"image": tensor}], do_postprocess=False)
+            return head_outputs["embeddings"][0].float(), {}
         images = model.preprocess_image([{"image": tensor}])
         features, gates = model.backbone.forward_with_gates(images)
         embeddings = model.embed_head(features)["embeddings"][0].float()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up of maskattn_d2: torch, torchvision, detectron2, panopticapi,
-# fvcore, pycocotools, opencv, pytest and the project (editable).
+# fvcore, pycocotools, opencv, onnx + onnxruntime, pytest and the project (editable).
 #
 # Installs into the active virtual environment ($VIRTUAL_ENV) if there is one,
 # otherwise creates .venv/ in the repository. Idempotent: a stamp file records
@@ -38,6 +38,7 @@ import detectron2, torch, torchvision, panopticapi, pycocotools, fvcore, cv2, ma
 import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling  # noqa: F401
 from detectron2.evaluation import COCOPanopticEvaluator  # noqa: F401
 from torchvision.ops import nms  # noqa: F401  (fails when torch/torchvision mismatch)
+import onnx, onnxruntime  # noqa: F401,E401  (the 'onnx' extra: export, onnxruntime backend)
 print(f"[setup] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"detectron2 {detectron2.__version__}, maskattn_d2 {maskattn_d2.__version__}")
 PY

@@ -55,14 +55,55 @@ def test_benchmark_smoke_run_writes_table_json_and_plot(benchmark, tmp_path):
     quick, unet = saved["results"]
     assert unet["params_m"] > quick["params_m"]
     table = (tmp_path / "benchmark.md").read_text()
-    assert "| synthetic_instant_test | cpu |" in table and "| unet_128 | cpu |" in table
+    assert "| synthetic_instant_test | cpu | torch |" in table
+    assert "| unet_128 | cpu | torch |" in table
     row = next(line for line in table.splitlines() if line.startswith("| unet_128"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    numbers = [float(c.replace(",", "")) for c in cells[2:-1]]
+    numbers = [float(c.replace(",", "")) for c in cells[3:-1]]
     # Params, GFLOPs, net and post latency, peak memory, train img/s, train peak memory.
     assert len(numbers) == 7 and all(n >= 0 for n in numbers) and numbers[0] > 0
     with Image.open(tmp_path / "benchmark.png") as img:
         assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_benchmark_onnxruntime_rows(benchmark, tmp_path):
+    pytest.importorskip("onnxruntime")
+    results = benchmark.main(
+        ["--configs", str(QUICK), "--models", "synthetic_instant_test", "panoptic_deeplab_r50",
+         "--backends", "onnxruntime", "--size", "64", "64", "--batch-sizes", "1", "2",
+         "--iters", "2", "--warmup", "1", "--no-train", "--no-flops", "--threads", "1",
+         "--devices", "cpu", "--output-dir", str(tmp_path)]
+    )
+    # onnxruntime rows are for the MaskAttn configs only: the peer is left out.
+    assert [(r["name"], r["backend"]) for r in results] == [
+        ("synthetic_instant_test", "onnxruntime")
+    ]
+    result = results[0]
+    assert result["status"] == "ok", result
+    assert "train" not in result and result["params_m"] > 0
+    for batch in ("1", "2"):
+        assert result["latency"][batch]["network_ms"] > 0
+        assert result["latency"][batch]["postprocess_ms"] > 0
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["environment"]["onnxruntime"]
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| synthetic_instant_test | cpu | onnxruntime |" in table
+
+
+def test_onnxruntime_runner_feeds_the_postprocessor_like_the_torch_runner(benchmark):
+    pytest.importorskip("onnxruntime")
+    args = benchmark.get_parser().parse_args(["--configs", str(QUICK), "--size", "64", "64"])
+    cfg = benchmark.maskattn_config(str(QUICK), args, "cpu")
+    torch.manual_seed(0)
+    eager = benchmark.MaskAttnRunner(cfg, name="quick")
+    torch.manual_seed(0)
+    ort = benchmark.ONNXRuntimeRunner(cfg, name="quick", threads=1)
+    scenes = peers.synthetic_scenes(2, (64, 64), seed=0)
+    with torch.no_grad():
+        want = eager.postprocess(eager.network(eager.prepare(scenes)), (64, 64))
+    got = ort.postprocess(ort.network(ort.prepare(scenes)), (64, 64))
+    for w, g in zip(want, got):
+        assert torch.equal(g["panoptic_seg"][0], w["panoptic_seg"][0])
 
 
 def test_benchmark_rejects_unknown_models(benchmark, tmp_path):

@@ -5,12 +5,19 @@
     python tools/benchmark.py --models unet_128 maskattn_unet_128 --batch-sizes 1 --no-train
     python tools/benchmark.py --devices cuda --bf16        # on a GPU machine
     python tools/benchmark.py --loader                     # data loader: originals vs copies
+    python tools/benchmark.py --configs configs/coco_panoptic_128.yaml \
+        --models coco_panoptic_128 --backends torch onnxruntime   # eager vs onnxruntime
 
 Models: one per ``--configs`` YAML (default ``configs/variants/*.yaml``, named by file stem)
 and the peers ``panoptic_deeplab_r50`` (detectron2's Panoptic-DeepLab project, config written
 by :func:`maskattn_d2.utils.peers.panoptic_deeplab_config`), ``mask2former_swin_t`` and
 ``mask2former_r50`` (``transformers``, random weights). Peers get the class count and
-metadata of the first config. ``--models`` keeps only the named ones.
+metadata of the first config. ``--models`` keeps only the named ones. ``--backends torch
+onnxruntime`` adds, for every config on CPU, a row of its network exported to ONNX
+(:func:`maskattn_d2.export.export_onnx`, same random weights) and run by onnxruntime with
+``--threads`` intra-op threads (:class:`maskattn_d2.export.ONNXRuntimeModel`); its input is the
+resized pixels (normalisation is inside the graph, so inside the timing) and its outputs go
+through the same post-processing; it has no training measurement.
 
 Measured for each model and device, every model in a fresh subprocess, at ``--size``:
 
@@ -74,6 +81,7 @@ from maskattn_d2.utils.peers import Runner, synthetic_scenes
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = sorted(str(p) for p in (REPO / "configs" / "variants").glob("*.yaml"))
 PEER_NAMES = ("panoptic_deeplab_r50", "mask2former_swin_t", "mask2former_r50")
+BACKENDS = ("torch", "onnxruntime")
 _NORM_NODES = ("MASK_ATTN_UNET", "SEM_SEG_HEAD", "EMBED_HEAD")
 
 
@@ -104,6 +112,10 @@ def get_parser() -> argparse.ArgumentParser:
         "--devices", nargs="+", default=None, choices=["cpu", "cuda"],
         help="default: cpu, plus cuda when available",
     )
+    parser.add_argument(
+        "--backends", nargs="+", default=["torch"], choices=BACKENDS,
+        help="torch: eager PyTorch; onnxruntime: the exported network (MaskAttn configs, CPU)",
+    )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
@@ -129,6 +141,8 @@ def get_parser() -> argparse.ArgumentParser:
     )
     # Internal: run one model in this process and write its result as JSON.
     parser.add_argument("--worker", nargs=3, metavar=("NAME", "DEVICE", "RESULT"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--worker-backend", default="torch", choices=BACKENDS,
                         help=argparse.SUPPRESS)
     return parser
 
@@ -177,9 +191,15 @@ def maskattn_config(path: str, args, device: str):
     return cfg
 
 
-def build_runner(name: str, args, device: str):
+def build_runner(name: str, args, device: str, backend: str = "torch"):
     """The :class:`~maskattn_d2.utils.peers.Runner` of a model name of this run."""
     stems = {Path(p).stem: p for p in args.configs}
+    if backend == "onnxruntime":
+        if name not in stems or device != "cpu":
+            raise ValueError(f"--backends onnxruntime: MaskAttn configs on cpu only, not {name} "
+                             f"on {device}")
+        return ONNXRuntimeRunner(maskattn_config(stems[name], args, device), name=name,
+                                 threads=args.threads)
     if name in stems:
         return MaskAttnRunner(maskattn_config(stems[name], args, device), name=name)
     reference = maskattn_config(args.configs[0], args, device)
@@ -256,6 +276,40 @@ class MaskAttnRunner(Runner):
             item["sem_seg"] = torch.as_tensor(sem_seg)
             item["instance_ids"] = torch.as_tensor(instance_ids)
         return sum(self.model(inputs).values())
+
+
+class ONNXRuntimeRunner(MaskAttnRunner):
+    """A MaskAttn-UNet config whose network is exported to ONNX and run by onnxruntime.
+
+    Network: the exported file on the resized pixels (normalisation inside), ``threads``
+    intra-op threads. Post-processing: the same as :class:`MaskAttnRunner`.
+    """
+
+    trains = False  # onnxruntime runs inference only
+
+    def __init__(self, cfg, *, name: str, threads: int):
+        from maskattn_d2.export import (
+            ExportableNetwork,
+            ONNXRuntimeModel,
+            export_onnx,
+            network_metadata,
+        )
+
+        super().__init__(cfg, name=name)
+        self.exportable = ExportableNetwork(self.model)
+        self._tmp = tempfile.TemporaryDirectory()
+        path = os.path.join(self._tmp.name, "model.onnx")
+        export_onnx(self.exportable, path, metadata=network_metadata(cfg, self.exportable))
+        self.runtime = ONNXRuntimeModel(cfg, path, num_threads=threads)
+
+    def prepare(self, scenes) -> torch.Tensor:
+        return self.runtime.preprocess_image(self._image_inputs(scenes))
+
+    def network(self, inputs: torch.Tensor):
+        return self.runtime.run_network(inputs)
+
+    def flops_module(self):
+        return self.exportable  # the exported network, on prepare's output
 
 
 # --------------------------------------------------------------------------- measurements
@@ -349,6 +403,7 @@ def measure(runner, args, device: torch.device) -> Dict:
     result = {
         "name": runner.name,
         "device": device.type,
+        "backend": args.worker_backend,
         "params_m": sum(p.numel() for p in runner.model.parameters()) / 1e6,
         "latency": {},
         "peak_memory_mb": {},
@@ -376,7 +431,7 @@ def measure(runner, args, device: torch.device) -> Dict:
         }
         result["peak_memory_mb"][str(batch)] = meter.peak_mb()
         del inputs, outputs
-    if not args.no_train:
+    if not args.no_train and getattr(runner, "trains", True):
         result["train"] = measure_training(runner, scenes[: args.train_batch_size], args, device)
         result["peak_memory_mb"]["train"] = meter.peak_mb()
     if not args.no_flops:
@@ -420,9 +475,10 @@ def worker_main(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(device_name)
     try:
-        runner = build_runner(name, args, device_name)
-    except ImportError as e:  # a peer whose package is missing
-        result = {"name": name, "device": device.type, "status": f"unavailable: {e}"}
+        runner = build_runner(name, args, device_name, args.worker_backend)
+    except ImportError as e:  # a peer's (or onnxruntime's) package is missing
+        result = {"name": name, "device": device.type, "backend": args.worker_backend,
+                  "status": f"unavailable: {e}"}
     else:
         result = measure(runner, args, device)
         result["status"] = "ok"
@@ -430,20 +486,20 @@ def worker_main(args) -> None:
         json.dump(result, f)
 
 
-def run_worker(name: str, device: str, argv: Sequence[str]) -> Dict:
+def run_worker(name: str, device: str, argv: Sequence[str], backend: str = "torch") -> Dict:
     """Measure one model in a fresh Python process (so its peak memory is its own)."""
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
         # --worker first: --opts takes the rest of the command line.
         command = [sys.executable, os.path.abspath(__file__), "--worker", name, device,
-                   result_file, *argv]
+                   result_file, "--worker-backend", backend, *argv]
         start = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(result_file):
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             reason = lines[-1] if lines else f"exit status {proc.returncode}"
-            return {"name": name, "device": device, "status": f"failed: {reason}",
-                    "stderr_tail": lines[-30:]}
+            return {"name": name, "device": device, "backend": backend,
+                    "status": f"failed: {reason}", "stderr_tail": lines[-30:]}
         with open(result_file) as f:
             result = json.load(f)
     result["wall_s"] = time.perf_counter() - start
@@ -546,7 +602,7 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 def format_table(results: Sequence[Dict], batch_sizes: Sequence[int]) -> str:
     """Markdown table: one row per model and device."""
     batches = [str(b) for b in sorted(set(batch_sizes))]
-    header = ["Model", "Device", "Params (M)", "GFLOPs"]
+    header = ["Model", "Device", "Backend", "Params (M)", "GFLOPs"]
     for b in batches:
         header += [f"Net b{b} (ms)", f"Post b{b} (ms)"]
     header += [f"Peak mem b{b} (MB)" for b in batches]
@@ -554,7 +610,7 @@ def format_table(results: Sequence[Dict], batch_sizes: Sequence[int]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
         ok = r.get("status") == "ok"
-        row = [r["name"], r["device"]]
+        row = [r["name"], r["device"], r.get("backend", "torch")]
         row += [_fmt(r.get("params_m"), 2), _fmt(r.get("gflops"), 2)]
         for b in batches:
             lat = r.get("latency", {}).get(b, {})
@@ -586,7 +642,9 @@ def plot_latency(results: Sequence[Dict], path: str, batch: int) -> None:
         ours = r["name"] not in PEER_NAMES
         ax.scatter(r["params_m"], total, marker=markers.get(r["device"], "s"),
                    color="tab:blue" if ours else "tab:orange", s=50)
-        ax.annotate(f"{r['name']} ({r['device']})", (r["params_m"], total),
+        backend = r.get("backend", "torch")
+        where = r["device"] if backend == "torch" else f"{r['device']}, {backend}"
+        ax.annotate(f"{r['name']} ({where})", (r["params_m"], total),
                     textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.1)  # room for the labels
@@ -621,6 +679,13 @@ def environment(args, devices: Sequence[str]) -> Dict:
         env["transformers"] = transformers.__version__
     except ImportError:
         env["transformers"] = None
+    if "onnxruntime" in args.backends:
+        try:
+            import onnxruntime
+
+            env["onnxruntime"] = onnxruntime.__version__
+        except ImportError:
+            env["onnxruntime"] = None
     return env
 
 
@@ -638,7 +703,9 @@ def write_report(results: Sequence[Dict], env: Dict, args) -> str:
         [
             f"# Benchmark at {args.size[0]}x{args.size[1]}",
             "",
-            f"torch {env['torch']}, {env['cpu_threads']} CPU threads"
+            f"torch {env['torch']}"
+            + (f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else "")
+            + f", {env['cpu_threads']} CPU threads"
             + (f", {env['cuda_device']} ({env['precision_cuda']})" if "cuda_device" in env else "")
             + f", median of {args.iters} runs after {args.warmup} warm-up, {env['date']}.",
             "",
@@ -672,14 +739,19 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         raise ValueError("--devices cuda: CUDA is not available on this machine")
+    config_names = {Path(p).stem for p in args.configs}
     results = []
     for name in names:
         for device in devices:
-            print(f"[benchmark] {name} on {device} ...", flush=True)
-            result = run_worker(name, device, argv)
-            if result.get("status") != "ok":
-                print(f"[benchmark] {name} on {device}: {result['status']}", flush=True)
-            results.append(result)
+            for backend in args.backends:
+                if backend == "onnxruntime" and (name not in config_names or device != "cpu"):
+                    continue  # onnxruntime rows: MaskAttn configs on CPU
+                print(f"[benchmark] {name} on {device} ({backend}) ...", flush=True)
+                result = run_worker(name, device, argv, backend)
+                if result.get("status") != "ok":
+                    print(f"[benchmark] {name} on {device} ({backend}): {result['status']}",
+                          flush=True)
+                results.append(result)
     markdown = write_report(results, environment(args, devices), args)
     print(markdown)
     return results

@@ -3,7 +3,7 @@
 Training returns a loss dict; inference returns detectron2's standard per-image outputs
 (``sem_seg``, ``instances``, ``panoptic_seg``) at each image's original size.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,13 @@ from .losses import (
 )
 from .postprocessing import MaskAttnPostProcessor
 
-__all__ = ["MaskAttnUNet", "thing_ids_from_metadata"]
+__all__ = [
+    "MaskAttnUNet",
+    "build_postprocessor",
+    "postprocess_batch",
+    "thing_ids_from_config",
+    "thing_ids_from_metadata",
+]
 
 
 def thing_ids_from_metadata(metadata, num_classes: int) -> List[int]:
@@ -52,6 +58,74 @@ def thing_ids_from_metadata(metadata, num_classes: int) -> List[int]:
         )
     return thing_ids
 
+
+
+def thing_ids_from_config(cfg) -> List[int]:
+    """Thing class ids of the config's first dataset (DATASETS.TRAIN, else DATASETS.TEST)."""
+    dataset_names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    if not dataset_names:
+        raise ValueError("Config has neither DATASETS.TRAIN nor DATASETS.TEST: the model "
+                         "takes its thing classes from the dataset's metadata.")
+    return thing_ids_from_metadata(
+        MetadataCatalog.get(dataset_names[0]), cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    )
+
+
+def build_postprocessor(cfg, thing_ids: Optional[Sequence[int]] = None) -> MaskAttnPostProcessor:
+    """The post-processor of ``cfg.MODEL.MASK_ATTN_POSTPROCESS``, shared by the model and by
+    runtimes of its exported network (:mod:`maskattn_d2.export`).
+
+    Args:
+        thing_ids: contiguous thing class ids; default :func:`thing_ids_from_config`.
+    """
+    post = cfg.MODEL.MASK_ATTN_POSTPROCESS
+    return MaskAttnPostProcessor(
+        num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        thing_ids=thing_ids_from_config(cfg) if thing_ids is None else thing_ids,
+        instance_method=post.INSTANCE_METHOD,
+        similarity_threshold=post.SIMILARITY_THRESHOLD,
+        seed_threshold=post.SEED_THRESHOLD,
+        seed_min_distance=post.SEED_MIN_DISTANCE,
+        embedding_weight=post.EMBEDDING_WEIGHT,
+        within_components=post.WITHIN_COMPONENTS,
+        merge_ratio=post.MERGE_RATIO,
+        upsample_thing_boundaries=post.UPSAMPLE_THING_BOUNDARIES,
+        min_instance_area=post.MIN_INSTANCE_AREA,
+        max_instances=post.MAX_INSTANCES,
+        stuff_area=post.STUFF_AREA,
+        score_threshold=post.SCORE_THRESHOLD,
+        label_divisor=post.LABEL_DIVISOR,
+    )
+
+
+def postprocess_batch(
+    postprocessor: MaskAttnPostProcessor,
+    sem_logits: torch.Tensor,
+    head_outputs: Dict[str, torch.Tensor],
+    batched_inputs: List[Dict],
+    *,
+    semantic_on: bool = True,
+    instance_on: bool = True,
+    panoptic_on: bool = True,
+) -> List[Dict]:
+    """Standard outputs of each image of a batch from the network's outputs (B, C, h, w), at
+    the image's ``height``/``width`` (default: its input size). Used by
+    :meth:`MaskAttnUNet.inference` and by the runtimes of the exported network."""
+    results = []
+    for i, (logits, inputs) in enumerate(zip(sem_logits, batched_inputs)):
+        height = inputs.get("height", inputs["image"].shape[-2])
+        width = inputs.get("width", inputs["image"].shape[-1])
+        results.append(
+            postprocessor(
+                logits,
+                {k: v[i] for k, v in head_outputs.items()},
+                (int(height), int(width)),
+                semantic_on=semantic_on,
+                instance_on=instance_on,
+                panoptic_on=panoptic_on,
+            )
+        )
+    return results
 
 @META_ARCH_REGISTRY.register()
 class MaskAttnUNet(nn.Module):
@@ -152,35 +226,14 @@ class MaskAttnUNet(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
-        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        dataset_names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
-        if not dataset_names:
-            raise ValueError("Config has neither DATASETS.TRAIN nor DATASETS.TEST: the model "
-                             "takes its thing classes from the dataset's metadata.")
-        thing_ids = thing_ids_from_metadata(MetadataCatalog.get(dataset_names[0]), num_classes)
-        post = cfg.MODEL.MASK_ATTN_POSTPROCESS
+        thing_ids = thing_ids_from_config(cfg)
         head, embed = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.EMBED_HEAD
+        post = cfg.MODEL.MASK_ATTN_POSTPROCESS
         return {
             "backbone": backbone,
             "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
             "embed_head": build_embed_head(cfg, backbone.output_shape()),
-            "postprocessor": MaskAttnPostProcessor(
-                num_classes=num_classes,
-                thing_ids=thing_ids,
-                instance_method=post.INSTANCE_METHOD,
-                similarity_threshold=post.SIMILARITY_THRESHOLD,
-                seed_threshold=post.SEED_THRESHOLD,
-                seed_min_distance=post.SEED_MIN_DISTANCE,
-                embedding_weight=post.EMBEDDING_WEIGHT,
-                within_components=post.WITHIN_COMPONENTS,
-                merge_ratio=post.MERGE_RATIO,
-                upsample_thing_boundaries=post.UPSAMPLE_THING_BOUNDARIES,
-                min_instance_area=post.MIN_INSTANCE_AREA,
-                max_instances=post.MAX_INSTANCES,
-                stuff_area=post.STUFF_AREA,
-                score_threshold=post.SCORE_THRESHOLD,
-                label_divisor=post.LABEL_DIVISOR,
-            ),
+            "postprocessor": build_postprocessor(cfg, thing_ids),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "network_size": cfg.INPUT.NETWORK_SIZE,
@@ -277,20 +330,15 @@ class MaskAttnUNet(nn.Module):
         head_outputs = {k: v.float() for k, v in self.embed_head(features).items()}
         if not do_postprocess:
             return sem_logits, head_outputs
-        results = []
-        for i, (logits, inputs) in enumerate(zip(sem_logits, batched_inputs)):
-            height = inputs.get("height", inputs["image"].shape[-2])
-            width = inputs.get("width", inputs["image"].shape[-1])
-            out = self.postprocessor(
-                logits,
-                {k: v[i] for k, v in head_outputs.items()},
-                (int(height), int(width)),
-                semantic_on=self.semantic_on,
-                instance_on=self.instance_on,
-                panoptic_on=self.panoptic_on,
-            )
-            results.append(out)
-        return results
+        return postprocess_batch(
+            self.postprocessor,
+            sem_logits,
+            head_outputs,
+            batched_inputs,
+            semantic_on=self.semantic_on,
+            instance_on=self.instance_on,
+            panoptic_on=self.panoptic_on,
+        )
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> torch.Tensor:
         """Normalise and resize every image to the network size: (B, C, h, w) float."""

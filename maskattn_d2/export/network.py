@@ -1,0 +1,64 @@
+"""The network of a MaskAttnUNet as one tensor-in, tensors-out module, for tracing and export.
+
+Input: ``"image"`` (B, 3, h, w) float32 pixels in ``INPUT.FORMAT`` channel order, 0-255, at
+``INPUT.NETWORK_SIZE`` (h, w): the caller resizes (bilinear), the module normalises with
+``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD``. Outputs, all at network resolution: ``"sem_logits"``
+(B, K, h, w), then the embedding head's outputs in the order it returns them (``"embeddings"``
+(B, D, h, w), and with spatial embeddings ``"offsets"`` (B, 2, h, w) and ``"seed_logits"``
+(B, 1, h, w)) -- exactly what ``MaskAttnUNet.inference(do_postprocess=False)`` returns, so the
+model's post-processor runs on them unchanged.
+
+The model's ``preprocess_image`` normalises and then resizes; resizing first (outside) and
+normalising here is the same map (bilinear weights sum to one), equal up to float rounding.
+"""
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["INPUT_NAME", "SEM_LOGITS_NAME", "ExportableNetwork"]
+
+INPUT_NAME = "image"
+SEM_LOGITS_NAME = "sem_logits"
+
+
+class ExportableNetwork(nn.Module):
+    """Normalisation + backbone + semantic head + embedding head of a ``MaskAttnUNet``.
+
+    ``output_names`` lists the outputs of :meth:`forward` in order (found by one dry run at
+    construction, so any embedding head of the registry works).
+    """
+
+    def __init__(self, model: nn.Module):
+        """
+        Args:
+            model: a ``MaskAttnUNet`` (or any meta-architecture with ``backbone``,
+                ``sem_seg_head``, ``embed_head``, ``pixel_mean``, ``pixel_std`` and
+                ``network_size``); switched to eval mode, as export needs.
+        """
+        super().__init__()
+        self.model = model.eval()
+        self.network_size: Tuple[int, int] = tuple(int(s) for s in model.network_size)
+        with torch.no_grad():
+            head_outputs = model.embed_head(model.backbone(self.example_input(1)))
+        self.output_names: List[str] = [SEM_LOGITS_NAME, *head_outputs]
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.model.pixel_mean.shape[0])
+
+    def example_input(self, batch_size: int, seed: int = 0) -> torch.Tensor:
+        """(batch_size, C, h, w) random pixels in [0, 255] on the model's device."""
+        generator = torch.Generator().manual_seed(seed)
+        pixels = 255 * torch.rand(batch_size, self.num_channels, *self.network_size,
+                                  generator=generator)
+        return pixels.to(self.model.pixel_mean.device)
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, C, h, w) pixels -> (sem_logits, *embedding head outputs), float32."""
+        model = self.model
+        x = (image - model.pixel_mean) / model.pixel_std
+        features = model.backbone(x)
+        sem_logits = model.sem_seg_head(features).float()
+        head_outputs = model.embed_head(features)
+        return (sem_logits, *(head_outputs[name].float() for name in self.output_names[1:]))

@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Export the network of a MaskAttn-UNet for deployment, as ONNX or TorchScript.
+
+    python tools/export_model.py --config-file configs/coco_panoptic_128.yaml \\
+        --format onnx --output export/coco_128 \\
+        MODEL.WEIGHTS output/coco_panoptic_128/model_final.pth
+
+Writes into ``--output``: ``model.onnx`` (or ``model.ts``) and ``config.yaml``, the config it
+was exported with (the onnxruntime backend of ``demo/demo.py`` and ``tools/benchmark.py``
+reads the classes and post-processing from it).
+
+The exported network takes ``image``: float32 (batch, 3, h, w) pixels 0-255 in
+``INPUT.FORMAT`` channel order at ``INPUT.NETWORK_SIZE`` (resize the image there, bilinear;
+normalisation is inside) -- any batch size -- and returns ``sem_logits`` (batch, K, h, w) and
+the embedding head's outputs (``embeddings``, ``offsets``, ``seed_logits``), the inputs of the
+model's post-processor (``maskattn_d2.export.ONNXRuntimeModel`` runs both). BatchNorm is folded
+into the convolutions. After writing, the file is run (onnxruntime or TorchScript) on a random
+batch of 3 and compared with PyTorch; the export fails if they differ.
+
+Exit status: 0 written and checked, 2 bad input (config, weights, format: the message names
+it), 1 the exported file disagrees with PyTorch.
+"""
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+# Importing maskattn_d2 registers the model, backbone, heads and datasets.
+from maskattn_d2 import add_maskattn_config
+from maskattn_d2.engine import (
+    WeightsError,
+    adapt_config_to_device,
+    import_user_modules,
+    load_inference_weights,
+)
+from maskattn_d2.export import (
+    ONNX_OPSET,
+    ExportableNetwork,
+    ONNXRuntimeModel,
+    export_onnx,
+    export_torchscript,
+    network_metadata,
+)
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+# Largest |exported - PyTorch| accepted, relative to the output's largest |value| (float32
+# kernels of onnxruntime / TorchScript differ from eager ones in summation order only).
+RELATIVE_TOLERANCE = 1e-4
+logger = logging.getLogger("maskattn_d2.export_model")
+
+
+class ExportMismatch(RuntimeError):
+    """The exported file's outputs differ from PyTorch's."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export a MaskAttn-UNet network for deployment")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="config YAML")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="output format")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="folder for the exported model and its config.yaml")
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET,
+                        help=f"ONNX opset (>= {ONNX_OPSET})")
+    parser.add_argument(
+        "--allow-random-weights", action="store_true",
+        help="export without MODEL.WEIGHTS (random initialisation, seeded), e.g. to measure speed",
+    )
+    parser.add_argument(
+        "--register-module", action="append", default=[], metavar="MODULE",
+        help="import MODULE first (a .py file or module name), e.g. one that registers the "
+        "dataset of DATASETS.TRAIN/TEST (it gives the classes); repeatable",
+    )
+    parser.add_argument(
+        "opts", default=[], nargs=argparse.REMAINDER,
+        help="config overrides as KEY VALUE pairs at the end, e.g. MODEL.WEIGHTS model.pth",
+    )
+    return parser
+
+
+def setup_cfg(args):
+    """The frozen config of the export, on CPU (the exported file is device-independent)."""
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"--config-file: no such file: {args.config_file}")
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except (AssertionError, KeyError) as e:  # yacs asserts that every key exists
+        raise ValueError(f"Bad config key in {args.config_file} or the command line: {e}") from e
+    cfg.MODEL.DEVICE = "cpu"
+    adapt_config_to_device(cfg)
+    cfg.freeze()
+    weights = cfg.MODEL.WEIGHTS
+    if not weights and not args.allow_random_weights:
+        raise WeightsError(
+            "No weights: add MODEL.WEIGHTS path/to/model_final.pth at the end of the command, "
+            "or --allow-random-weights to export an untrained model on purpose."
+        )
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS: no such file: {weights}")
+    return cfg
+
+
+def verify(network: ExportableNetwork, path: str, fmt: str, cfg) -> Dict[str, float]:
+    """Run the exported file on a random batch of 3 (a batch size the export did not trace
+    with) and return, per output, max |exported - PyTorch| / max |PyTorch|."""
+    inputs = network.example_input(3, seed=1)
+    with torch.no_grad():
+        expected = network(inputs)
+        if fmt == "onnx":
+            runtime = ONNXRuntimeModel(cfg, path, num_threads=torch.get_num_threads())
+            sem_logits, head_outputs = runtime.run_network(inputs)
+            actual = [sem_logits, *(head_outputs[n] for n in network.output_names[1:])]
+        else:
+            with warnings.catch_warnings():  # torch marks TorchScript deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                actual = torch.jit.load(path)(inputs)
+    errors = {}
+    for name, want, got in zip(network.output_names, expected, actual):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ExportMismatch(f"{path}: output {name} has shape {tuple(got.shape)}, PyTorch's "
+                                 f"is {tuple(want.shape)}")
+        scale = float(want.abs().max()) or 1.0
+        errors[name] = float((got - want).abs().max()) / scale
+    return errors
+
+
+def export(args) -> str:
+    """Export as ``args`` say; returns the written file."""
+    import_user_modules(args.register_module)
+    cfg = setup_cfg(args)
+    torch.manual_seed(0)  # parameters the weights do not set are random, but reproducible
+    model = build_model(cfg)
+    try:
+        load_inference_weights(model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights)
+    except RuntimeError as e:  # a truncated or corrupt checkpoint file
+        raise WeightsError(str(e)) from e
+    network = ExportableNetwork(model.eval())
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, FORMATS[args.format])
+    if args.format == "onnx":
+        export_onnx(network, path, metadata=network_metadata(cfg, network), opset=args.opset)
+    else:
+        export_torchscript(network, path)
+    with open(os.path.join(args.output, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    errors = verify(network, path, args.format, cfg)
+    logger.info("Exported vs PyTorch, batch of 3, max |difference| / max |value|: %s",
+                ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))
+    bad = {name: error for name, error in errors.items() if not error <= RELATIVE_TOLERANCE}
+    if bad:
+        raise ExportMismatch(
+            f"{path} disagrees with PyTorch beyond {RELATIVE_TOLERANCE:g} (relative) on {bad}."
+        )
+    logger.info("Wrote %s (input %s, outputs %s) and config.yaml", path,
+                f"(batch, {network.num_channels}, {network.network_size[0]}, "
+                f"{network.network_size[1]})", network.output_names)
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the export; returns the exit status (0 ok, 1 mismatch, 2 bad input)."""
+    args = get_parser().parse_args(argv)
+    setup_logger(name="maskattn_d2")
+    logger.info("Command line arguments: %s", args)
+    try:
+        export(args)
+    except ExportMismatch as e:
+        print(f"export_model.py: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ImportError, ValueError) as e:  # WeightsError is a ValueError
+        print(f"export_model.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
