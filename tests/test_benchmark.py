@@ -1,7 +1,11 @@
-"""tools/benchmark.py (smoke run + FLOP handles), the peer models it builds, tools/compare_pq.py."""
+"""tools/benchmark.py (smoke run + FLOP handles), the peer models of tools/benchmarking,
+tools/compare_pq.py."""
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from maskattn_d2.utils import peers
+from benchmarking import peers
+from benchmarking.scenes import synthetic_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick_schedules" / "synthetic_instant_test.yaml"
@@ -132,8 +137,8 @@ def test_conv_and_linear_flops_are_multiply_adds(benchmark):
 
 
 def test_synthetic_scenes_use_contiguous_synthetic_classes():
-    scenes = peers.synthetic_scenes(3, (64, 80), seed=1)
-    again = peers.synthetic_scenes(3, (64, 80), seed=1)
+    scenes = synthetic_scenes(3, (64, 80), seed=1)
+    again = synthetic_scenes(3, (64, 80), seed=1)
     for scene, same in zip(scenes, again):
         assert scene.image.shape == (64, 80, 3) and scene.image.dtype == np.uint8
         assert scene.pan_ids.shape == (64, 80)
@@ -143,7 +148,24 @@ def test_synthetic_scenes_use_contiguous_synthetic_classes():
         for s in scene.segments_info:
             assert 0 <= s["category_id"] < 6 and s["isthing"] == (s["category_id"] < 3)
     with pytest.raises(ValueError, match="size"):
-        peers.synthetic_scenes(1, (16, 16))
+        synthetic_scenes(1, (16, 16))
+
+
+def test_peers_register_their_backbone_only_when_a_config_names_it():
+    code = """
+from detectron2.modeling import BACKBONE_REGISTRY
+from benchmarking import peers
+name = "build_dilated_basic_resnet_backbone"
+assert name not in BACKBONE_REGISTRY, "registered at import"
+peers.panoptic_deeplab_config(dataset_name="x", num_classes=6, depth=50)
+assert name not in BACKBONE_REGISTRY, "registered by a config that does not name it"
+for _ in range(2):  # a second peer config finds it registered
+    cfg = peers.panoptic_deeplab_config(dataset_name="x", num_classes=6, depth=18)
+assert BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME) is peers.build_dilated_basic_resnet_backbone
+"""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tools'}:{REPO}"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_dilated_basic_resnet_keeps_output_stride_16():
@@ -171,7 +193,7 @@ def test_panoptic_deeplab_runner_network_postprocess_and_training():
     )
     assert cfg.MODEL.PANOPTIC_DEEPLAB.STUFF_AREA == 4  # 2048 scaled by 64*64 / (1024*2048)
     runner = peers.PanopticDeepLabRunner(cfg, name="pdl")
-    scenes = peers.synthetic_scenes(2, (64, 64))
+    scenes = synthetic_scenes(2, (64, 64))
     with torch.no_grad():
         semantic, center, offset = runner.network(runner.prepare(scenes))
         panoptic = runner.postprocess((semantic, center, offset), (64, 64))

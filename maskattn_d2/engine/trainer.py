@@ -21,6 +21,7 @@ from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
 
 __all__ = [
+    "NORM_KEYS",
     "MaskAttnTrainer",
     "adapt_config_to_device",
     "AtomicCheckpointer",
@@ -31,8 +32,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Every config key that names a normalisation layer.
-_NORM_KEYS = ("MASK_ATTN_UNET", "SEM_SEG_HEAD", "EMBED_HEAD")
+# The MODEL.* config nodes whose NORM key names a normalisation layer (also read by the
+# benchmark, which turns SyncBN into BN for its one process).
+NORM_KEYS = ("MASK_ATTN_UNET", "SEM_SEG_HEAD", "EMBED_HEAD")
 
 # Hooks whose after_train writes a checkpoint or evaluates. detectron2's EvalHook and
 # BestCheckpointer test ``iter + 1 >= max_iter``, which also holds when the *last* step
@@ -60,7 +62,7 @@ def adapt_config_to_device(cfg):
         logger.warning("CUDA is not available: running on CPU instead of %s.", cfg.MODEL.DEVICE)
     cfg.MODEL.DEVICE = "cpu"
     cfg.SOLVER.AMP.ENABLED = False
-    for key in _NORM_KEYS:
+    for key in NORM_KEYS:
         node = getattr(cfg.MODEL, key)
         if node.NORM == "SyncBN":
             logger.warning("MODEL.%s.NORM: SyncBN does not run on CPU, using NaiveSyncBN.", key)
