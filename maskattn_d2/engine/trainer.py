@@ -218,8 +218,9 @@ class MaskAttnTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Same steps as DefaultTrainer.__init__; the differences are create_ddp_model's
-        # device_ids, which must be None when the model lives on CPU, and broadcast_buffers.
+        # Not DefaultTrainer.__init__: it hard-codes create_ddp_model's arguments, so its steps
+        # are repeated here with device_ids None on CPU (DDP rejects CPU device ids) and
+        # broadcast_buffers (below).
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
