@@ -2,10 +2,14 @@
 # `make test` runs the test suite in that environment.
 VENV_PY := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(CURDIR)/.venv/bin/python)
 
-.PHONY: setup test test-all main
+.PHONY: setup check test test-all main
 
 setup:
 	bash scripts/setup.sh
+
+# Imports work and every installed version is the one pinned in requirements.txt.
+check:
+	bash scripts/setup.sh check
 
 test:
 	$(VENV_PY) -m pytest -q -m "not slow"

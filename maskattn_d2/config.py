@@ -86,7 +86,7 @@ def add_maskattn_config(cfg):
 
     # ------------------------------------------------------ pixel-embedding head
     cfg.MODEL.EMBED_HEAD = CN()
-    # Name in EMBED_HEAD_REGISTRY.
+    # Head in EMBED_HEAD_REGISTRY that predicts the pixel embeddings.
     cfg.MODEL.EMBED_HEAD.NAME = "MaskAttnEmbedHead"
     # Backbone feature the head reads.
     cfg.MODEL.EMBED_HEAD.IN_FEATURES = ["dec1"]
@@ -166,9 +166,9 @@ def add_maskattn_config(cfg):
     # segments_info is not consulted (detectron2 evaluators use segments_info).
     cfg.MODEL.MASK_ATTN_POSTPROCESS.LABEL_DIVISOR = 1000
     # Which outputs inference returns (detectron2 standard keys).
-    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEMANTIC_ON = True
-    cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_ON = True
-    cfg.MODEL.MASK_ATTN_POSTPROCESS.PANOPTIC_ON = True
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEMANTIC_ON = True  # "sem_seg": per-class scores
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_ON = True  # "instances": masks, boxes, scores
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.PANOPTIC_ON = True  # "panoptic_seg": (ids, segments_info)
 
     # -------------------------------------------------------------------- input
     # Network input size (height, width) in pixels; every image is resized to it.
@@ -198,7 +198,9 @@ def add_maskattn_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # LR schedule: detectron2's "WarmupCosineLR" by default.
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
+    # Peak learning rate, reached after SOLVER.WARMUP_ITERS.
     cfg.SOLVER.BASE_LR = 5e-4
+    # Weight decay of the optimizer (norm layers get SOLVER.WEIGHT_DECAY_NORM instead).
     cfg.SOLVER.WEIGHT_DECAY = 1e-4
     # Automatic mixed precision: used on GPU only, ignored on CPU.
     cfg.SOLVER.AMP.ENABLED = True

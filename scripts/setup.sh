@@ -4,7 +4,8 @@
 #
 # Installs into the active virtual environment ($VIRTUAL_ENV) if there is one,
 # otherwise creates .venv/ in the repository. Idempotent: a stamp file records
-# the hash of what was installed, so a second run only checks imports.
+# the hash of what was installed, so a second run only checks imports and pins.
+# `scripts/setup.sh check` only checks (imports, and installed versions == pins).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,7 +45,40 @@ print(f"[setup] ok: torch {torch.__version__}, torchvision {torchvision.__versio
 PY
 }
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && check_imports 2>/dev/null; then
+# Every "name==version" of requirements.txt (and "# name := dist==version") is installed at
+# exactly that version (torch wheels may add a local suffix such as "+cu130").
+check_pins() {
+  "$py" - "$repo/requirements.txt" <<'PY'
+import re, sys
+from importlib.metadata import PackageNotFoundError, version
+pins = {}
+for line in open(sys.argv[1]):
+    line = line.strip()
+    m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line) or re.match(
+        r"^#\s*\w+ := ([A-Za-z0-9_.\-]+)==(\S+)", line)
+    if m:
+        pins[m.group(1)] = m.group(2)
+wrong = []
+for dist, pinned in sorted(pins.items()):
+    try:
+        installed = version(dist)
+    except PackageNotFoundError:
+        installed = "not installed"
+    if installed.split("+")[0] != pinned:
+        wrong.append(f"{dist}: installed {installed}, pinned {pinned}")
+if wrong:
+    sys.exit("[setup] not the pinned versions: " + "; ".join(wrong))
+print(f"[setup] ok: {len(pins)} pinned distributions at their pinned versions")
+PY
+}
+
+if [[ "${1:-}" == "check" ]]; then
+  check_imports && check_pins
+  exit
+fi
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && check_imports 2>/dev/null \
+    && check_pins >/dev/null 2>&1; then
   echo "[setup] environment in $venv is up to date"
   exit 0
 fi
@@ -79,5 +113,6 @@ fi
 "${pip[@]}" install --no-deps --no-build-isolation -e .
 
 check_imports
+check_pins
 echo "$want" > "$stamp"
 echo "[setup] done. Activate with: source ${venv}/bin/activate"

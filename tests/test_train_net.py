@@ -75,6 +75,27 @@ def copypaste_metrics(log: str):
     return results
 
 
+def summary_table(log: str):
+    """The rows of train_net.py's summary table: {dataset: {column: value}}."""
+    lines = log.split("Summary (PQ/SQ/RQ, AP, mIoU, pixel accuracy):\n", 1)[1].splitlines()
+    table = lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    header, values = rows[0], rows[2:]  # rows[1] is the |---| ruler
+    return {r[0]: {k: float(v) for k, v in zip(header[1:], r[1:]) if v != "-"} for r in values}
+
+
+def assert_summary_matches_evaluators(log: str, dataset: str) -> None:
+    """The summary row of ``dataset`` shows the numbers the evaluators printed."""
+    metrics = copypaste_metrics(log)
+    row = summary_table(log)[dataset]
+    columns = [("PQ", "panoptic_seg", "PQ"), ("PQ_st", "panoptic_seg", "PQ_st"),
+               ("AP", "segm", "AP"), ("mIoU", "sem_seg", "mIoU"), ("pACC", "sem_seg", "pACC")]
+    expected = {c: metrics[t][k] for c, t, k in columns if k in metrics.get(t, {})}
+    assert "PQ" in expected and "AP" in expected
+    for column, value in expected.items():
+        assert row[column] == pytest.approx(value, abs=0.006), column  # 2 decimals vs 4
+
+
 @pytest.fixture(scope="module")
 def coco_layout_root(tmp_path_factory):
     """$DETECTRON2_DATASETS/coco with val2017/, panoptic_val2017/ and annotations/ (panoptic
@@ -101,10 +122,10 @@ def test_coco_builtin_registration_train_and_evaluate(coco_layout_root, tmp_path
                         datasets_root=coco_layout_root)
     metrics = copypaste_metrics(log)
     assert {"panoptic_seg", "segm", "sem_seg"} <= set(metrics)
-    assert 0 <= metrics["panoptic_seg"]["PQ"] <= 100
-    assert 0 <= metrics["sem_seg"]["pACC"] <= 100
+    # The builtin name resolved to the tiny tree: its 3 images were the ones evaluated.
+    assert "Start inference on 3 batches" in log
     assert (tmp_path / "out" / "model_final.pth").is_file()
-    assert "Summary (PQ/SQ/RQ, AP, mIoU, pixel accuracy)" in log
+    assert_summary_matches_evaluators(log, "coco_2017_val_panoptic")
 
 
 def test_cityscapes_builtin_registration_train_and_evaluate(cityscapes_root, tmp_path):
@@ -114,7 +135,8 @@ def test_cityscapes_builtin_registration_train_and_evaluate(cityscapes_root, tmp
     metrics = copypaste_metrics(log)
     # COCOPanopticEvaluator, CityscapesSemSegEvaluator, CityscapesInstanceEvaluator
     assert {"panoptic_seg", "sem_seg", "segm"} <= set(metrics)
-    assert 0 <= metrics["panoptic_seg"]["PQ"] <= 100
+    assert "Start inference on 2 batches" in log  # the fixture's 2 frames
+    assert_summary_matches_evaluators(log, "cityscapes_fine_panoptic_val")
 
 
 def test_real_coco_sample_train_eval_only_and_resume(tmp_path):

@@ -63,7 +63,8 @@ def test_trains_and_evaluates_with_void_and_stuff_only_images(unusual_dataset, t
         "INPUT.NETWORK_SIZE", "(32, 32)",
         "DATASETS.TRAIN", f"('{unusual_dataset}',)",
         "DATASETS.TEST", f"('{unusual_dataset}',)",
-        "SOLVER.MAX_ITER", "8",
+        "SOLVER.MAX_ITER", "60",
+        "SOLVER.BASE_LR", "0.01",  # learns the flat sky / grass colours in a few iterations
         "SOLVER.CHECKPOINT_PERIOD", "1000",
         "TEST.EVAL_PERIOD", "0",
         "OUTPUT_DIR", str(tmp_path / "out"),
@@ -74,11 +75,13 @@ def test_trains_and_evaluates_with_void_and_stuff_only_images(unusual_dataset, t
     trainer.train()
 
     losses = [value for value, _ in trainer.storage.history("total_loss").values()]
-    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
     results = trainer._last_eval_results
     assert {"panoptic_seg", "segm", "bbox", "sem_seg"} <= set(results)
-    assert 0 <= results["sem_seg"]["mIoU"] <= 100
-    assert 0 <= results["panoptic_seg"]["PQ"] <= 100
+    # The void images neither break training nor count in evaluation: the stuff is learnt
+    # (PQ_st 93 on 1 thread, 84 on 2; an untrained model predicts one class and scores 0).
+    assert results["panoptic_seg"]["PQ_st"] > 60
+    assert results["sem_seg"]["pACC"] > 75  # 93 / 88 here; untrained: about 30
     assert (tmp_path / "out" / "model_final.pth").is_file()
 
 
@@ -108,9 +111,10 @@ def test_dataset_with_only_stuff_classes_trains_and_evaluates(stuff_classes_only
         "INPUT.NETWORK_SIZE", "(32, 32)",
         "DATASETS.TRAIN", f"('{name}',)",
         "DATASETS.TEST", f"('{name}',)",
-        "SOLVER.MAX_ITER", "4",
+        "SOLVER.MAX_ITER", "20",
+        "SOLVER.BASE_LR", "0.01",
         "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "TEST.EVAL_PERIOD", "2",  # evaluated twice: still one warning
+        "TEST.EVAL_PERIOD", "10",  # evaluated twice: still one warning
         "OUTPUT_DIR", str(tmp_path / "out"),
     ])
     adapt_config_to_device(cfg)
@@ -128,8 +132,10 @@ def test_dataset_with_only_stuff_classes_trains_and_evaluates(stuff_classes_only
     results = trainer._last_eval_results
     assert "segm" not in results and "bbox" not in results
     assert {"panoptic_seg", "sem_seg"} <= set(results)
-    assert 0 <= results["panoptic_seg"]["PQ_st"] <= 100
+    # Sky over grass is learnt: PQ_st and mIoU 96-98 after 20 iterations, where an
+    # untrained model (one class everywhere) scores PQ_st 0 and mIoU about 34.
+    assert results["panoptic_seg"]["PQ_st"] > 80
     assert math.isnan(results["panoptic_seg"]["PQ_th"])
-    assert 0 <= results["sem_seg"]["mIoU"] <= 100
+    assert results["sem_seg"]["mIoU"] > 80
     skipped = [r for r in records if "InstanceSegEvaluator" in r.getMessage()]
     assert len(skipped) == 1 and name in skipped[0].getMessage()

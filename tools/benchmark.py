@@ -10,7 +10,7 @@
 
 Models: one per ``--configs`` YAML (default ``configs/variants/*.yaml``, named by file stem)
 and the peers ``panoptic_deeplab_r50`` (detectron2's Panoptic-DeepLab project, config written
-by :func:`maskattn_d2.utils.peers.panoptic_deeplab_config`), ``mask2former_swin_t`` and
+by :func:`benchmarking.peers.panoptic_deeplab_config`), ``mask2former_swin_t`` and
 ``mask2former_r50`` (``transformers``, random weights). Peers get the class count and
 metadata of the first config. ``--models`` keeps only the named ones. ``--backends torch
 onnxruntime`` adds, for every config on CPU, a row of its network exported to ONNX
@@ -65,24 +65,21 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-# Importing maskattn_d2 registers the model, backbone, heads and datasets.
-from maskattn_d2 import add_maskattn_config
-from maskattn_d2.data import panoptic_to_targets
-from maskattn_d2.utils import peers
-from maskattn_d2.utils.peers import Runner, synthetic_scenes
+# tools/benchmarking: the runners and peers (next to this script, so on its sys.path).
+from benchmarking import peers
+from benchmarking.maskattn import MaskAttnRunner, maskattn_config
+from benchmarking.onnxruntime_runner import ONNXRuntimeRunner
+from benchmarking.scenes import synthetic_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = sorted(str(p) for p in (REPO / "configs" / "variants").glob("*.yaml"))
 PEER_NAMES = ("panoptic_deeplab_r50", "mask2former_swin_t", "mask2former_r50")
 BACKENDS = ("torch", "onnxruntime")
-_NORM_NODES = ("MASK_ATTN_UNET", "SEM_SEG_HEAD", "EMBED_HEAD")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -175,24 +172,8 @@ def model_names(args) -> List[str]:
 
 
 # --------------------------------------------------------------------------- models
-def maskattn_config(path: str, args, device: str):
-    """Frozen MaskAttn config at ``--size`` on ``device``, one process (SyncBN -> BN)."""
-    cfg = get_cfg()
-    add_maskattn_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(args.opts)
-    cfg.INPUT.NETWORK_SIZE = tuple(args.size)
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.WEIGHTS = ""
-    for node in _NORM_NODES:  # the benchmark runs one process: no group to synchronise
-        if getattr(cfg.MODEL, node).NORM in ("SyncBN", "NaiveSyncBN"):
-            getattr(cfg.MODEL, node).NORM = "BN"
-    cfg.freeze()
-    return cfg
-
-
 def build_runner(name: str, args, device: str, backend: str = "torch"):
-    """The :class:`~maskattn_d2.utils.peers.Runner` of a model name of this run."""
+    """The :class:`~benchmarking.runner.Runner` of a model name of this run."""
     stems = {Path(p).stem: p for p in args.configs}
     if backend == "onnxruntime":
         if name not in stems or device != "cpu":
@@ -217,99 +198,6 @@ def build_runner(name: str, args, device: str, backend: str = "torch"):
     return peers.Mask2FormerRunner(
         backbone, num_classes=num_classes, stuff_ids=stuff_ids, name=name, device=device
     )
-
-
-class MaskAttnRunner(Runner):
-    """A MaskAttn-UNet config for the benchmark.
-
-    Network: backbone + semantic head + embedding head on the normalised network-size input.
-    Post-processing: ``model.postprocessor`` (semantic, instances, panoptic) per image.
-    """
-
-    def __init__(self, cfg, *, name: str):
-        if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES < 6:
-            raise ValueError("The benchmark's synthetic scenes use 6 classes (3 things + 3 stuff); "
-                             f"{name} has MODEL.SEM_SEG_HEAD.NUM_CLASSES="
-                             f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}.")
-        self.name = name
-        self.cfg = cfg
-        self.model = build_model(cfg).eval()
-
-    def _image_inputs(self, scenes) -> List[Dict]:
-        return [
-            {"image": torch.as_tensor(np.ascontiguousarray(s.image.transpose(2, 0, 1)))}
-            for s in scenes
-        ]
-
-    def prepare(self, scenes) -> torch.Tensor:
-        return self.model.preprocess_image(self._image_inputs(scenes))
-
-    def network(self, inputs: torch.Tensor):
-        features = self.model.backbone(inputs)
-        return self.model.sem_seg_head(features), self.model.embed_head(features)
-
-    def postprocess(self, outputs, image_size: Tuple[int, int]):
-        model = self.model
-        sem_logits, head_outputs = outputs
-        return [
-            model.postprocessor(
-                logits.float(),
-                {name: value[i].float() for name, value in head_outputs.items()},
-                image_size,
-                semantic_on=model.semantic_on,
-                instance_on=model.instance_on,
-                panoptic_on=model.panoptic_on,
-            )
-            for i, logits in enumerate(sem_logits)
-        ]
-
-    def training_loss(self, scenes) -> torch.Tensor:
-        inputs = self._image_inputs(scenes)
-        for item, scene in zip(inputs, scenes):
-            sem_seg, instance_ids = panoptic_to_targets(
-                scene.pan_ids,
-                scene.segments_info,
-                thing_ids=self.model.thing_ids.tolist(),
-                ignore_label=self.model.ignore_value,
-                min_instance_pixels=self.cfg.INPUT.MIN_INSTANCE_PIXELS,
-            )
-            item["sem_seg"] = torch.as_tensor(sem_seg)
-            item["instance_ids"] = torch.as_tensor(instance_ids)
-        return sum(self.model(inputs).values())
-
-
-class ONNXRuntimeRunner(MaskAttnRunner):
-    """A MaskAttn-UNet config whose network is exported to ONNX and run by onnxruntime.
-
-    Network: the exported file on the resized pixels (normalisation inside), ``threads``
-    intra-op threads. Post-processing: the same as :class:`MaskAttnRunner`.
-    """
-
-    trains = False  # onnxruntime runs inference only
-
-    def __init__(self, cfg, *, name: str, threads: int):
-        from maskattn_d2.export import (
-            ExportableNetwork,
-            ONNXRuntimeModel,
-            export_onnx,
-            network_metadata,
-        )
-
-        super().__init__(cfg, name=name)
-        self.exportable = ExportableNetwork(self.model)
-        self._tmp = tempfile.TemporaryDirectory()
-        path = os.path.join(self._tmp.name, "model.onnx")
-        export_onnx(self.exportable, path, metadata=network_metadata(cfg, self.exportable))
-        self.runtime = ONNXRuntimeModel(cfg, path, num_threads=threads)
-
-    def prepare(self, scenes) -> torch.Tensor:
-        return self.runtime.preprocess_image(self._image_inputs(scenes))
-
-    def network(self, inputs: torch.Tensor):
-        return self.runtime.run_network(inputs)
-
-    def flops_module(self):
-        return self.exportable  # the exported network, on prepare's output
 
 
 # --------------------------------------------------------------------------- measurements

@@ -72,7 +72,8 @@ from maskattn_d2.data.datasets import register_synthetic_panoptic
 from maskattn_d2.engine import adapt_config_to_device, build_optimizer
 from maskattn_d2.evaluation import build_evaluator
 from maskattn_d2.modeling.postprocessing import INSTANCE_METHODS, resize_label_map
-from maskattn_d2.utils.peers import panoptic_deeplab_config, panoptic_deeplab_target_generator
+
+from benchmarking.peers import panoptic_deeplab_config, panoptic_deeplab_target_generator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --dataset values that generate synthetic data here (with --num-train / --num-val).

@@ -1,6 +1,7 @@
 from .launch import import_user_modules, launch, run_and_shut_down, shut_down_process_group
 from .optimizer import build_optimizer
 from .trainer import (
+    NORM_KEYS,
     AtomicCheckpointer,
     MaskAttnTrainer,
     TrainingError,
@@ -10,6 +11,7 @@ from .trainer import (
 )
 
 __all__ = [
+    "NORM_KEYS",
     "AtomicCheckpointer",
     "MaskAttnTrainer",
     "TrainingError",

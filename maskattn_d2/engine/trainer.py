@@ -22,6 +22,7 @@ from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
 
 __all__ = [
+    "NORM_KEYS",
     "MaskAttnTrainer",
     "adapt_config_to_device",
     "AtomicCheckpointer",
@@ -32,8 +33,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Every config key that names a normalisation layer.
-_NORM_KEYS = ("MASK_ATTN_UNET", "SEM_SEG_HEAD", "EMBED_HEAD")
+# The MODEL.* config nodes whose NORM key names a normalisation layer (also read by the
+# benchmark, which turns SyncBN into BN for its one process).
+NORM_KEYS = ("MASK_ATTN_UNET", "SEM_SEG_HEAD", "EMBED_HEAD")
 
 # Hooks whose after_train writes a checkpoint or evaluates. detectron2's EvalHook and
 # BestCheckpointer test ``iter + 1 >= max_iter``, which also holds when the *last* step
@@ -61,7 +63,7 @@ def adapt_config_to_device(cfg):
         logger.warning("CUDA is not available: running on CPU instead of %s.", cfg.MODEL.DEVICE)
     cfg.MODEL.DEVICE = "cpu"
     cfg.SOLVER.AMP.ENABLED = False
-    for key in _NORM_KEYS:
+    for key in NORM_KEYS:
         node = getattr(cfg.MODEL, key)
         if node.NORM == "SyncBN":
             logger.warning("MODEL.%s.NORM: SyncBN does not run on CPU, using NaiveSyncBN.", key)
@@ -217,8 +219,9 @@ class MaskAttnTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Same steps as DefaultTrainer.__init__; the differences are create_ddp_model's
-        # device_ids, which must be None when the model lives on CPU, and broadcast_buffers.
+        # Not DefaultTrainer.__init__: it hard-codes create_ddp_model's arguments, so its steps
+        # are repeated here with device_ids None on CPU (DDP rejects CPU device ids) and
+        # broadcast_buffers (below).
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()

@@ -360,7 +360,7 @@ def test_the_shared_zip_and_split_files(tmp_path):
 
 # ------------------------------------------------------------------------- end to end
 def test_train_net_on_the_fixture_reports_matching_ap(prepared, tmp_path):
-    from tests.test_train_net import copypaste_metrics, run_train_net
+    from tests.test_train_net import copypaste_metrics, run_train_net, summary_table
 
     opts = [
         "SOLVER.MAX_ITER", "5",
@@ -378,6 +378,9 @@ def test_train_net_on_the_fixture_reports_matching_ap(prepared, tmp_path):
     )
     metrics = copypaste_metrics(log)
     assert {"panoptic_seg", "segm", "sem_seg", "matching_ap"} <= set(metrics)
-    assert 0 <= metrics["matching_ap"]["mAP"] <= 100
-    assert "matching mAP" in log
+    # Scored on the prepared val split (its one image), and the summary shows that number.
+    images = prepared["counts"]["val"]["images"]
+    assert f"Matching mAP@[.5:.95] on dsb2018_panoptic_val ({images} images)" in log
+    summary = summary_table(log)["dsb2018_panoptic_val"]
+    assert summary["matching mAP"] == pytest.approx(metrics["matching_ap"]["mAP"], abs=0.006)
     assert (tmp_path / "out" / "model_final.pth").is_file()

@@ -1,22 +1,19 @@
-"""Peer models of the benchmark and of ``tools/compare_pq.py``, and synthetic batches for them.
+"""Peer models of the benchmark and of ``tools/compare_pq.py``.
 
 - Panoptic-DeepLab from ``detectron2.projects.panoptic_deeplab``: its config is written here in
   code (the YAML files are not installed with detectron2), with the standard Cityscapes
   heads, a ResNet-50 DeepLab backbone (``build_resnet_deeplab_backbone``) or a small
-  ResNet-18 with a dilated res5 (:func:`build_dilated_basic_resnet_backbone`), plain
+  ResNet-18 with a dilated res5 (:func:`build_dilated_basic_resnet_backbone`, registered in
+  ``BACKBONE_REGISTRY`` by the first config that names it, never at import), plain
   convolutions (DeformConv needs detectron2's ``_C``) and input / target / post-processing
   sizes scaled to a low-resolution network input.
 - Mask2Former from ``transformers`` (Swin-T or ResNet-50 backbone, random weights, nothing
   downloaded); ``transformers`` is imported lazily, so this module imports without it.
 - :class:`PanopticDeepLabRunner` / :class:`Mask2FormerRunner`: what the benchmark times of each
-  peer (network, post-processing, training loss), behind one small interface shared with the
-  benchmark's MaskAttn runner.
-- :func:`synthetic_scenes`: panoptic scenes rendered in-process at the network size, from which
-  each model's own training targets are built.
+  peer (network, post-processing, training loss), behind the :class:`~.runner.Runner`
+  interface shared with the MaskAttn runner.
 """
-import abc
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,21 +27,21 @@ from detectron2.projects.panoptic_deeplab.post_processing import get_panoptic_se
 from detectron2.projects.panoptic_deeplab.target_generator import PanopticDeepLabTargetGenerator
 from torch import nn
 
-from ..data.datasets import SYNTHETIC_CATEGORIES, panoptic_metadata, render_scene
-from ..modeling.postprocessing import resize_label_map
+from maskattn_d2.modeling.postprocessing import resize_label_map
+
+from .runner import Runner, TupleOutputs
+from .scenes import SyntheticScene, images_tensor
 
 __all__ = [
     "MASK2FORMER_BACKBONES",
     "Mask2FormerRunner",
     "PanopticDeepLabRunner",
-    "Runner",
-    "SyntheticScene",
     "build_dilated_basic_resnet_backbone",
     "build_mask2former",
     "panoptic_deeplab_config",
     "panoptic_deeplab_inputs",
     "panoptic_deeplab_target_generator",
-    "synthetic_scenes",
+    "register_dilated_basic_resnet_backbone",
 ]
 
 # ImageNet statistics in 0-255 RGB, as every model here normalises its input.
@@ -53,115 +50,6 @@ _PIXEL_STD = [58.395, 57.120, 57.375]
 # Panoptic-DeepLab's Cityscapes recipe works on 1024x2048 images; areas and the centre
 # Gaussian are scaled from it to the network input.
 _CITYSCAPES_AREA = 1024 * 2048
-
-
-# --------------------------------------------------------------------------- synthetic data
-@dataclass
-class SyntheticScene:
-    """One rendered panoptic scene.
-
-    Attributes:
-        image: (H, W, 3) uint8 RGB.
-        pan_ids: (H, W) int64 segment ids, 0 = void.
-        segments_info: dicts with "id", contiguous "category_id", "iscrowd" and "isthing".
-    """
-
-    image: np.ndarray
-    pan_ids: np.ndarray
-    segments_info: List[Dict] = field(default_factory=list)
-
-
-def synthetic_scenes(num: int, size: Tuple[int, int], *, seed: int = 0) -> List[SyntheticScene]:
-    """
-    Render ``num`` synthetic panoptic scenes (the classes of the embedded synthetic dataset:
-    contiguous ids 0-2 are things, 3-5 stuff) directly at ``size``.
-
-    Args:
-        num: number of scenes, >= 1.
-        size: (H, W) in pixels, each >= 32 (objects are 8-40 px).
-        seed: seed of the numpy generator.
-    """
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}.")
-    if len(size) != 2 or min(size) < 32:
-        raise ValueError(f"size must be (H, W) with H, W >= 32, got {tuple(size)}.")
-    metadata = panoptic_metadata(SYNTHETIC_CATEGORIES)
-    to_contiguous = metadata["stuff_dataset_id_to_contiguous_id"]
-    thing_ids = set(metadata["thing_dataset_id_to_contiguous_id"].values())
-    rng = np.random.default_rng(seed)
-    scenes = []
-    for _ in range(num):
-        image, pan_ids, segments = render_scene(rng, int(size[0]), int(size[1]))
-        segments_info = []
-        for segment in segments:
-            category = to_contiguous[segment["category_id"]]
-            segments_info.append(
-                {
-                    "id": int(segment["id"]),
-                    "category_id": category,
-                    "iscrowd": int(segment.get("iscrowd", 0)),
-                    "isthing": category in thing_ids,
-                }
-            )
-        scenes.append(SyntheticScene(image, pan_ids.astype(np.int64), segments_info))
-    return scenes
-
-
-def _images_tensor(scenes: Sequence[SyntheticScene], device) -> torch.Tensor:
-    """(B, 3, H, W) float32 RGB in 0-255."""
-    array = np.stack([s.image for s in scenes]).transpose(0, 3, 1, 2)
-    return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
-
-
-# --------------------------------------------------------------------------- runners
-class Runner(abc.ABC):
-    """What the benchmark measures of one model.
-
-    ``prepare`` turns the scenes' images into the network input (normalisation, not timed);
-    ``network`` is the timed forward; ``postprocess`` turns its outputs into panoptic results
-    at ``image_size``; ``training_loss`` is one forward in training mode with the model's own
-    targets built from the scenes (the caller sets train mode); ``flops_module`` is a module
-    whose ``forward(x)`` runs the network on ``prepare``'s output and returns tensors only (for
-    fvcore's tracer; the default suits a ``network`` that returns a tuple of tensors).
-    """
-
-    name: str = ""
-    model: nn.Module
-
-    @abc.abstractmethod
-    def prepare(self, scenes: Sequence[SyntheticScene]) -> torch.Tensor:
-        ...
-
-    @abc.abstractmethod
-    def network(self, inputs: torch.Tensor) -> Any:
-        ...
-
-    @abc.abstractmethod
-    def postprocess(self, outputs: Any, image_size: Tuple[int, int]) -> List[Any]:
-        ...
-
-    @abc.abstractmethod
-    def training_loss(self, scenes: Sequence[SyntheticScene]) -> torch.Tensor:
-        ...
-
-    def flops_module(self) -> nn.Module:
-        return _TupleOutputs(self.model, lambda model, x: tuple(self.network(x)))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
-class _TupleOutputs(nn.Module):
-    """Wraps ``fn(model, x)`` so that tracing sees a module returning a tuple of tensors."""
-
-    def __init__(self, model: nn.Module, fn):
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor):
-        return tuple(self.fn(self.model, x))
 
 
 # --------------------------------------------------------------------------- Panoptic-DeepLab
@@ -174,7 +62,13 @@ def _dilate_stage(blocks: Sequence[nn.Module], dilation: int) -> None:
                 module.padding = (dilation, dilation)
 
 
-@BACKBONE_REGISTRY.register()
+def register_dilated_basic_resnet_backbone() -> None:
+    """Put :func:`build_dilated_basic_resnet_backbone` in detectron2's ``BACKBONE_REGISTRY``
+    (once: the registry refuses a second registration of a name)."""
+    if "build_dilated_basic_resnet_backbone" not in BACKBONE_REGISTRY:
+        BACKBONE_REGISTRY.register(build_dilated_basic_resnet_backbone)
+
+
 def build_dilated_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """
     ResNet-18/34 (BasicBlock, standard stem) whose res5 keeps stride 16 with its 3x3 convs
@@ -274,6 +168,7 @@ def panoptic_deeplab_config(
         resnets.STRIDE_IN_1X1 = False
         resnets.RES5_MULTI_GRID = [1, 2, 4]
     else:
+        register_dilated_basic_resnet_backbone()  # the name this config gives must resolve
         cfg.MODEL.BACKBONE.NAME = "build_dilated_basic_resnet_backbone"
         resnets.STEM_OUT_CHANNELS = 64
         resnets.RES2_OUT_CHANNELS = 64
@@ -387,7 +282,7 @@ class PanopticDeepLabRunner(Runner):
 
     def prepare(self, scenes):
         model = self.model
-        return (_images_tensor(scenes, self.device) - model.pixel_mean) / model.pixel_std
+        return (images_tensor(scenes, self.device) - model.pixel_mean) / model.pixel_std
 
     def network(self, inputs):
         features = self.model.backbone(inputs)
@@ -526,7 +421,7 @@ class Mask2FormerRunner(Runner):
         self.pixel_mean, self.pixel_std = mean, std
 
     def prepare(self, scenes):
-        return (_images_tensor(scenes, self.device) - self.pixel_mean) / self.pixel_std
+        return (images_tensor(scenes, self.device) - self.pixel_mean) / self.pixel_std
 
     def network(self, inputs):
         return self.model(pixel_values=inputs)
@@ -560,4 +455,4 @@ class Mask2FormerRunner(Runner):
             out = model(pixel_values=x)
             return out.class_queries_logits, out.masks_queries_logits
 
-        return _TupleOutputs(self.model, run)
+        return TupleOutputs(self.model, run)
