@@ -272,9 +272,20 @@ class MaskAttnUNet(nn.Module):
             resolution.
         """
         images = self.preprocess_image(batched_inputs)
+        # Here rather than in the backbone's forward, where it would cost every training step
+        # a pass and a host sync (training stops on a non-finite loss instead).
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        if not all(finite):
+            bad = [batched_inputs[i].get("file_name", f"input {i}") for i, ok in
+                   enumerate(finite) if not ok]
+            raise ValueError(f"non-finite pixel values (NaN or Inf) in {bad}.")
         features = self.backbone(images)
         sem_logits = self.sem_seg_head(features).float()
-        head_outputs = {k: v.float() for k, v in self.embed_head(features).items()}
+        needs_instances = self.instance_on or self.panoptic_on
+        if do_postprocess and not self.postprocessor.needed_head_outputs(needs_instances):
+            head_outputs = {}  # connected components or semantic only: the head is not read
+        else:
+            head_outputs = {k: v.float() for k, v in self.embed_head(features).items()}
         if not do_postprocess:
             return sem_logits, head_outputs
         results = []
@@ -283,7 +294,7 @@ class MaskAttnUNet(nn.Module):
             width = inputs.get("width", inputs["image"].shape[-1])
             out = self.postprocessor(
                 logits,
-                {k: v[i] for k, v in head_outputs.items()},
+                {k: v[i] for k, v in head_outputs.items()} or None,
                 (int(height), int(width)),
                 semantic_on=self.semantic_on,
                 instance_on=self.instance_on,

@@ -952,6 +952,17 @@ class MaskAttnPostProcessor:
         "connected_components": {},
     }
 
+    def needed_head_outputs(self, needs_instances: bool) -> Dict[str, Optional[int]]:
+        """The embedding head outputs a call reads, with their channel counts (None: any):
+        empty for "connected_components" or when no instances are wanted (semantic only),
+        so the caller can skip the head."""
+        if not needs_instances:
+            return {}
+        needed = dict(self._NEEDED_OUTPUTS[self.instance_method])
+        if self.instance_method == "spatial_embedding" and self.embedding_weight > 0:
+            needed["embeddings"] = None
+        return needed
+
     def _check_inputs(self, sem_logits, head_outputs, output_size, needs_instances: bool) -> None:
         if sem_logits.dim() != 3 or sem_logits.shape[0] != self.num_classes:
             raise ValueError(
@@ -960,12 +971,7 @@ class MaskAttnPostProcessor:
             )
         if len(output_size) != 2 or min(output_size) < 1:
             raise ValueError(f"output_size must be (H, W) with H, W >= 1, got {output_size}.")
-        needed = dict(self._NEEDED_OUTPUTS[self.instance_method])
-        if self.instance_method == "spatial_embedding" and self.embedding_weight > 0:
-            needed["embeddings"] = None
-        if not needs_instances or not needed:
-            return
-        for key, channels in needed.items():
+        for key, channels in self.needed_head_outputs(needs_instances).items():
             value = None if head_outputs is None else head_outputs.get(key)
             if value is None:
                 hint = (

@@ -116,13 +116,8 @@ def test_bad_inputs_raise():
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="expects"):
         model(torch.randn(3, 64, 64))
-    x = torch.randn(1, 3, 64, 64)
-    x[0, 1, 5, 5] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        model(x)
-    x[0, 1, 5, 5] = float("inf")
-    with pytest.raises(ValueError, match="non-finite"):
-        model(x)
+    with pytest.raises(ValueError, match="floating-point"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="60x64"):
         model(torch.randn(1, 3, 60, 64))
 

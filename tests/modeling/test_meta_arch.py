@@ -140,6 +140,29 @@ def test_embedding_loss_off_keeps_embed_head_out_of_the_graph():
     assert all(p.grad is None for p in model.embed_head.parameters())
 
 
+@pytest.mark.parametrize(
+    "overrides, head_runs",
+    [
+        ({}, True),  # spatial embeddings read offsets and seeds
+        ({"MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD": "connected_components"}, False),
+        (
+            {
+                "MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_ON": False,
+                "MODEL.MASK_ATTN_POSTPROCESS.PANOPTIC_ON": False,
+            },
+            False,
+        ),
+    ],
+)
+def test_inference_runs_the_embedding_head_only_when_read(overrides, head_runs):
+    model = build_model(small_cfg(**overrides)).eval()
+    calls = []
+    model.embed_head.register_forward_hook(lambda *args: calls.append(1))
+    outputs = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)}])
+    assert len(calls) == int(head_runs)
+    assert outputs[0]["sem_seg"].shape == (4, 64, 64)
+
+
 def test_bad_inputs_are_rejected_with_clear_errors():
     model = build_model(small_cfg()).eval()
     with pytest.raises(ValueError, match=r"expected an image of shape \(3, H, W\)"):
