@@ -13,6 +13,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 
+from ..config import check_resize_mode
 from .heads import build_embed_head
 from .losses import (
     gate_loss,
@@ -84,8 +85,8 @@ class MaskAttnUNet(nn.Module):
         samples_per_instance: int = 32,
         max_samples_per_image: int = 512,
         gate_loss_weight: float = 0.0,
-        offset_loss_weight: float = 0.0,
-        seed_loss_weight: float = 0.0,
+        offset_loss_weight: float = 1.0,
+        seed_loss_weight: float = 1.0,
         seed_target: str = "depth",
         seed_sigma_scale: float = 0.5,
         semantic_on: bool = True,
@@ -160,27 +161,12 @@ class MaskAttnUNet(nn.Module):
         thing_ids = thing_ids_from_metadata(MetadataCatalog.get(dataset_names[0]), num_classes)
         post = cfg.MODEL.MASK_ATTN_POSTPROCESS
         head, embed = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.EMBED_HEAD
+        check_resize_mode(cfg)
         return {
             "backbone": backbone,
             "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
             "embed_head": build_embed_head(cfg, backbone.output_shape()),
-            "postprocessor": MaskAttnPostProcessor(
-                num_classes=num_classes,
-                thing_ids=thing_ids,
-                instance_method=post.INSTANCE_METHOD,
-                similarity_threshold=post.SIMILARITY_THRESHOLD,
-                seed_threshold=post.SEED_THRESHOLD,
-                seed_min_distance=post.SEED_MIN_DISTANCE,
-                embedding_weight=post.EMBEDDING_WEIGHT,
-                within_components=post.WITHIN_COMPONENTS,
-                merge_ratio=post.MERGE_RATIO,
-                upsample_thing_boundaries=post.UPSAMPLE_THING_BOUNDARIES,
-                min_instance_area=post.MIN_INSTANCE_AREA,
-                max_instances=post.MAX_INSTANCES,
-                stuff_area=post.STUFF_AREA,
-                score_threshold=post.SCORE_THRESHOLD,
-                label_divisor=post.LABEL_DIVISOR,
-            ),
+            "postprocessor": MaskAttnPostProcessor(cfg, thing_ids=thing_ids),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "network_size": cfg.INPUT.NETWORK_SIZE,

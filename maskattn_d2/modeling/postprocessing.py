@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
 from .clustering import (
@@ -268,7 +269,7 @@ def embedding_instances(
     embeddings: torch.Tensor,
     is_thing: torch.Tensor,
     *,
-    similarity_threshold: float = 0.7,
+    similarity_threshold: float = 0.9,
     min_instance_area: int = 8,
     max_instances: int = 100,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -709,6 +710,7 @@ class MaskAttnPostProcessor:
     Areas thresholds (``min_instance_area``, ``stuff_area``) apply at network resolution.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -799,6 +801,27 @@ class MaskAttnPostProcessor:
         self.stuff_area = stuff_area
         self.score_threshold = score_threshold
         self.label_divisor = label_divisor
+
+    @classmethod
+    def from_config(cls, cfg, thing_ids: Sequence[int]):
+        post = cfg.MODEL.MASK_ATTN_POSTPROCESS
+        return {
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "thing_ids": thing_ids,
+            "instance_method": post.INSTANCE_METHOD,
+            "similarity_threshold": post.SIMILARITY_THRESHOLD,
+            "seed_threshold": post.SEED_THRESHOLD,
+            "seed_min_distance": post.SEED_MIN_DISTANCE,
+            "embedding_weight": post.EMBEDDING_WEIGHT,
+            "within_components": post.WITHIN_COMPONENTS,
+            "merge_ratio": post.MERGE_RATIO,
+            "upsample_thing_boundaries": post.UPSAMPLE_THING_BOUNDARIES,
+            "min_instance_area": post.MIN_INSTANCE_AREA,
+            "max_instances": post.MAX_INSTANCES,
+            "stuff_area": post.STUFF_AREA,
+            "score_threshold": post.SCORE_THRESHOLD,
+            "label_divisor": post.LABEL_DIVISOR,
+        }
 
     def _is_thing(self, device: torch.device) -> torch.Tensor:
         is_thing = torch.zeros(self.num_classes, dtype=torch.bool, device=device)

@@ -175,6 +175,11 @@ def test_bad_inputs_are_rejected_with_clear_errors():
             model([{"image": torch.zeros(3, 64, 64), "sem_seg": torch.zeros(64, 64).long()}])
 
 
+def test_unimplemented_resize_mode_is_rejected():
+    with pytest.raises(ValueError, match="INPUT.RESIZE_MODE 'pad' is not implemented"):
+        build_model(small_cfg(**{"INPUT.RESIZE_MODE": "pad"}))
+
+
 def test_inconsistent_classes_are_rejected():
     bad = "maskattn_test_bad_thing_ids"
     MetadataCatalog.get(bad).set(

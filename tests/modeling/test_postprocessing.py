@@ -287,7 +287,7 @@ def test_cluster_embeddings_recovers_clusters_and_drops_small_ones(device):
 
 
 def test_cluster_embeddings_empty_input():
-    labels, confidence = cluster_embeddings(torch.zeros(0, 4))
+    labels, confidence = cluster_embeddings(torch.zeros(0, 4), similarity_threshold=0.9)
     assert labels.shape == (0,) and confidence.shape == (0,)
 
 
