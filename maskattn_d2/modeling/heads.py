@@ -14,7 +14,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.registry import Registry
 
-from .backbone.blocks import ConvBlock
+from ..layers import ConvBlock
 
 __all__ = [
     "EMBED_HEAD_REGISTRY",

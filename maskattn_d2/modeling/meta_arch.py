@@ -14,6 +14,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 
 from ..config import check_resize_mode
+from ..structures.label_maps import resize_label_map
 from .heads import build_embed_head
 from .losses import (
     gate_loss,
@@ -309,16 +310,13 @@ class MaskAttnUNet(nn.Module):
         return torch.stack(images)
 
     def _stack_target(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
-        """Stack a per-image (H,W) target, resized (nearest) to the network size if needed."""
+        """Stack a per-image (H,W) target, resized to the network size if needed with the one
+        label-map rule (:func:`resize_label_map`: nearest, pixel-centre aligned)."""
         targets = []
         for i, inputs in enumerate(batched_inputs):
             if key not in inputs:
                 raise ValueError(f"Training input {i} has no '{key}' target: use the "
                                  "MaskAttnPanopticMapper (INPUT.DATASET_MAPPER_NAME).")
-            target = inputs[key].to(self.device, torch.long)
-            if tuple(target.shape) != self.network_size:
-                target = F.interpolate(
-                    target[None, None].float(), size=self.network_size, mode="nearest"
-                )[0, 0].long()
-            targets.append(target)
+            targets.append(resize_label_map(inputs[key].to(self.device, torch.long),
+                                            self.network_size))
         return torch.stack(targets)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
+from ..structures.label_maps import boxes_from_projections, label_map_boxes, resize_label_map
 from .clustering import (
     _component_maxima,
     _greedy_suppression,
@@ -52,77 +53,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"masks must have shape (N, H, W), got {tuple(masks.shape)}.")
     if masks.shape[0] == 0:
         return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
-    return _boxes_from_projections(masks.any(dim=2), masks.any(dim=1))
-
-
-def _boxes_from_projections(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """:func:`masks_to_boxes` from the masks' occupied rows (N, H) and columns (N, W), bool."""
-    h, w = rows.shape[1], cols.shape[1]
-    xs = torch.arange(w, device=cols.device)
-    ys = torch.arange(h, device=rows.device)
-    x1 = torch.where(cols, xs, w).amin(dim=1)
-    x2 = torch.where(cols, xs, -1).amax(dim=1) + 1
-    y1 = torch.where(rows, ys, h).amin(dim=1)
-    y2 = torch.where(rows, ys, -1).amax(dim=1) + 1
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return torch.where(cols.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
-
-
-def _label_map_boxes(
-    label_map: torch.Tensor, labels: torch.Tensor, num_labels: int
-) -> torch.Tensor:
-    """
-    :func:`masks_to_boxes` of the masks ``label_map == label`` for each of ``labels``, without
-    forming the masks: the occupied rows and columns of every label come from one bincount
-    per axis.
-
-    Args:
-        label_map: (H, W) int64 labels in [-1, num_labels).
-        labels: (N,) int64 labels in [0, num_labels).
-        num_labels: number of labels.
-
-    Returns:
-        (N, 4) float32 XYXY boxes.
-    """
-    h, w = label_map.shape
-    slot = label_map + 1  # slot 0: label -1
-    num_slots = num_labels + 1
-    device = label_map.device
-    cols = torch.bincount(
-        (slot * w + torch.arange(w, device=device)).flatten(), minlength=num_slots * w
-    ).view(num_slots, w)
-    rows = torch.bincount(
-        (slot * h + torch.arange(h, device=device)[:, None]).flatten(), minlength=num_slots * h
-    ).view(num_slots, h)
-    selected = labels + 1
-    return _boxes_from_projections(
-        rows.index_select(0, selected) > 0, cols.index_select(0, selected) > 0
-    )
-
-
-def resize_label_map(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """
-    Nearest-neighbour resize of an integer map with pixel-centre alignment (the same geometry
-    as bilinear with ``align_corners=False``), done by indexing so ids stay exact in any dtype.
-
-    Args:
-        labels: (h, w) integer map.
-        size: (H, W) output size.
-
-    Returns:
-        (H, W) map of the same dtype.
-    """
-    h, w = labels.shape
-    out_h, out_w = size
-    if (out_h, out_w) == (h, w):
-        return labels
-    # Output pixel i samples input pixel floor((i + 0.5) * h / out_h) (PIL's NEAREST rule),
-    # in float64 so that exact boundaries round the same way on every device.
-    device = labels.device
-    ys = torch.arange(out_h, device=device, dtype=torch.float64).add_(0.5).mul_(h).div_(out_h)
-    xs = torch.arange(out_w, device=device, dtype=torch.float64).add_(0.5).mul_(w).div_(out_w)
-    ys, xs = ys.long().clamp_(max=h - 1), xs.long().clamp_(max=w - 1)
-    return labels[ys[:, None], xs[None, :]]
+    return boxes_from_projections(masks.any(dim=2), masks.any(dim=1))
 
 
 def _grow_by_one_pixel(labels: torch.Tensor) -> torch.Tensor:
@@ -1028,7 +959,7 @@ class MaskAttnPostProcessor:
         ids = torch.tensor(indices, dtype=torch.long, device=device)
         instances = Instances(output_size)
         instances.pred_masks = segment_map[None] == ids[:, None, None]
-        instances.pred_boxes = Boxes(_label_map_boxes(segment_map, ids, num_segments))
+        instances.pred_boxes = Boxes(label_map_boxes(segment_map, ids, num_segments))
         instances.pred_classes = torch.tensor(
             [s["category_id"] for s in things], dtype=torch.long, device=device
         )

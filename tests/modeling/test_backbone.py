@@ -10,7 +10,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 from maskattn_d2.config import add_maskattn_config
 from maskattn_d2.modeling.attention.hybrid_attention import HybridAttention, MultiScaleFusion
 from maskattn_d2.modeling.attention.mask_attention import MaskAttention
-from maskattn_d2.modeling.backbone.blocks import (
+from maskattn_d2.layers import (
     ConvBlock,
     get_activation,
     get_norm_layer,

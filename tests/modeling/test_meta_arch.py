@@ -175,6 +175,15 @@ def test_bad_inputs_are_rejected_with_clear_errors():
             model([{"image": torch.zeros(3, 64, 64), "sem_seg": torch.zeros(64, 64).long()}])
 
 
+def test_targets_off_the_network_size_are_resized_by_pixel_centres():
+    """The one label-map rule: output pixel i samples input pixel floor((i + 0.5) * 2) = 2i + 1
+    when halving (the legacy "nearest" interpolation took 2i)."""
+    model = build_model(small_cfg())
+    target = torch.randint(0, 4, (128, 128), generator=torch.Generator().manual_seed(0))
+    stacked = model._stack_target([{"sem_seg": target}], "sem_seg")
+    assert torch.equal(stacked[0], target[1::2, 1::2])
+
+
 def test_unimplemented_resize_mode_is_rejected():
     with pytest.raises(ValueError, match="INPUT.RESIZE_MODE 'pad' is not implemented"):
         build_model(small_cfg(**{"INPUT.RESIZE_MODE": "pad"}))

@@ -26,7 +26,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from ..attention.hybrid_attention import HybridAttention, MultiScaleFusion
 from ..attention.mask_attention import MaskAttention, key_grid_size
-from .blocks import ConvBlock
+from ...layers import ConvBlock
 
 __all__ = [
     "UNet",
