@@ -6,6 +6,9 @@ are reused rather than duplicated.
 """
 from detectron2.config import CfgNode as CN
 
+# INPUT.RESIZE_MODE values that are implemented.
+RESIZE_MODES = ("stretch",)
+
 
 def add_maskattn_config(cfg):
     """Add the maskattn_d2 keys (with their defaults) to a detectron2 config, in place."""
@@ -71,7 +74,8 @@ def add_maskattn_config(cfg):
     # NUM_CLASSES (stuff + thing classes, contiguous ids), IGNORE_VALUE and
     # LOSS_WEIGHT are detectron2's own keys.
     cfg.MODEL.SEM_SEG_HEAD.NAME = "MaskAttnSemSegHead"
-    # Backbone feature the head reads.
+    # The one backbone feature the head reads, as a one-element list (detectron2's key is a
+    # list; any other length is an error).
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["dec1"]
     # Channels of the head's hidden 3x3 conv.
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 64
@@ -88,7 +92,7 @@ def add_maskattn_config(cfg):
     cfg.MODEL.EMBED_HEAD = CN()
     # Head in EMBED_HEAD_REGISTRY that predicts the pixel embeddings.
     cfg.MODEL.EMBED_HEAD.NAME = "MaskAttnEmbedHead"
-    # Backbone feature the head reads.
+    # The one backbone feature the head reads, as a one-element list (as SEM_SEG_HEAD's).
     cfg.MODEL.EMBED_HEAD.IN_FEATURES = ["dec1"]
     # Channels of the head's hidden 3x3 conv.
     cfg.MODEL.EMBED_HEAD.CONVS_DIM = 64
@@ -162,8 +166,8 @@ def add_maskattn_config(cfg):
     cfg.MODEL.MASK_ATTN_POSTPROCESS.STUFF_AREA = 16
     # Instances with a score below this are dropped from "instances" and "panoptic_seg".
     cfg.MODEL.MASK_ATTN_POSTPROCESS.SCORE_THRESHOLD = 0.0
-    # Panoptic id = class * LABEL_DIVISOR + instance; only used in "panoptic_seg" when
-    # segments_info is not consulted (detectron2 evaluators use segments_info).
+    # Segment id in "panoptic_seg" = class * LABEL_DIVISOR + instance index (from 1; 1 for a
+    # stuff segment); must exceed MAX_INSTANCES.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.LABEL_DIVISOR = 1000
     # Which outputs inference returns (detectron2 standard keys).
     cfg.MODEL.MASK_ATTN_POSTPROCESS.SEMANTIC_ON = True  # "sem_seg": per-class scores
@@ -173,7 +177,8 @@ def add_maskattn_config(cfg):
     # -------------------------------------------------------------------- input
     # Network input size (height, width) in pixels; every image is resized to it.
     cfg.INPUT.NETWORK_SIZE = (128, 128)
-    # Aspect handling when resizing to NETWORK_SIZE: "stretch" (paper: plain resize).
+    # Aspect handling when resizing to NETWORK_SIZE: only "stretch" (a plain resize that does
+    # not keep the aspect, as the paper) is implemented; other values are rejected.
     cfg.INPUT.RESIZE_MODE = "stretch"
     # Random resized crop in training: range of the crop's area fraction of the image.
     cfg.INPUT.RANDOM_CROP_SCALE = (0.5, 1.0)
@@ -181,8 +186,8 @@ def add_maskattn_config(cfg):
     cfg.INPUT.FLIP_PROB = 0.5
     # Colour jitter in training: max relative change of brightness/contrast/saturation (0 off).
     cfg.INPUT.COLOR_JITTER = 0.2
-    # Instances covering fewer pixels than this at network size are ignored by the
-    # contrastive loss.
+    # Instances covering fewer pixels than this at network size are ignored by the instance
+    # losses (contrastive, offsets and seeds).
     cfg.INPUT.MIN_INSTANCE_PIXELS = 4
     # Name of the train dataset mapper: "MaskAttnPanopticMapper".
     cfg.INPUT.DATASET_MAPPER_NAME = "MaskAttnPanopticMapper"
@@ -218,3 +223,12 @@ def add_maskattn_config(cfg):
     # "matching_ap" (opt-in: the DSB 2018 competition metric, mean over IoU thresholds
     # 0.5:0.05:0.95 of TP / (TP + FP + FN) per image, from the panoptic predictions).
     cfg.TEST.EVALUATORS = ["panoptic", "instance", "semantic"]
+
+
+def check_resize_mode(cfg) -> None:
+    """Reject an INPUT.RESIZE_MODE that is not implemented, naming the key."""
+    if cfg.INPUT.RESIZE_MODE not in RESIZE_MODES:
+        raise ValueError(
+            f"INPUT.RESIZE_MODE {cfg.INPUT.RESIZE_MODE!r} is not implemented; the only mode is "
+            "'stretch' (every image is resized to INPUT.NETWORK_SIZE, aspect not kept)."
+        )

@@ -71,7 +71,8 @@ from maskattn_d2.data import build_dataset_mapper, build_train_augmentations
 from maskattn_d2.data.datasets import register_synthetic_panoptic
 from maskattn_d2.engine import adapt_config_to_device, build_optimizer
 from maskattn_d2.evaluation import build_evaluator
-from maskattn_d2.modeling.postprocessing import INSTANCE_METHODS, resize_label_map
+from maskattn_d2.modeling.postprocessing import INSTANCE_METHODS
+from maskattn_d2.structures import resize_label_map
 
 from benchmarking.peers import panoptic_deeplab_config, panoptic_deeplab_target_generator
 

@@ -13,6 +13,8 @@ import numpy as np
 from detectron2.data import transforms as T
 from PIL import Image
 
+from ..config import check_resize_mode
+
 __all__ = [
     "RandomResizedCrop",
     "RandomSaturation",
@@ -155,15 +157,10 @@ def eval_augmentations(network_size: Sequence[int]) -> List[T.Augmentation]:
     return [T.Resize(_check_size(network_size))]
 
 
-def _check_resize_mode(cfg) -> None:
-    if cfg.INPUT.RESIZE_MODE != "stretch":
-        raise ValueError(f"INPUT.RESIZE_MODE must be 'stretch', got {cfg.INPUT.RESIZE_MODE!r}")
-
-
 def build_train_augmentations(cfg) -> List[T.Augmentation]:
     """``train_augmentations`` from cfg.INPUT (NETWORK_SIZE, RANDOM_CROP_SCALE, FLIP_PROB,
     COLOR_JITTER, FORMAT)."""
-    _check_resize_mode(cfg)
+    check_resize_mode(cfg)
     return train_augmentations(
         cfg.INPUT.NETWORK_SIZE,
         crop_scale=cfg.INPUT.RANDOM_CROP_SCALE,
@@ -175,5 +172,5 @@ def build_train_augmentations(cfg) -> List[T.Augmentation]:
 
 def build_test_augmentations(cfg) -> List[T.Augmentation]:
     """``eval_augmentations`` from cfg.INPUT.NETWORK_SIZE (test-time augmentations)."""
-    _check_resize_mode(cfg)
+    check_resize_mode(cfg)
     return eval_augmentations(cfg.INPUT.NETWORK_SIZE)

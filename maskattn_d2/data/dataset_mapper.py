@@ -54,7 +54,9 @@ class MaskAttnPanopticMapper:
        fewer than ``min_instance_pixels`` pixels; else 1..n), plus the original keys, with
        "height"/"width" the ORIGINAL image size (so outputs are resized back to it).
 
-    In eval mode the augmentations are only the resize; the targets are still returned.
+    With ``is_train`` False (inference and evaluation) only the image is read and
+    augmented: the dict needs just "file_name" (and optionally "height"/"width"), no panoptic
+    PNG is decoded and no targets are built (evaluators read the ground truth themselves).
     """
 
     @configurable
@@ -72,8 +74,8 @@ class MaskAttnPanopticMapper:
     ):
         """
         Args:
-            is_train: whether the mapper is used in training (only logged; the behaviour is
-                set by ``augmentations``).
+            is_train: whether the mapper is used in training: only then are the panoptic PNG
+                read and the targets built (the augmentations are set by ``augmentations``).
             augmentations: detectron2 augmentations, ending at ``network_size``.
             image_format: format of the image for ``read_image`` ("RGB", "BGR", ...).
             network_size: (height, width) every output has.
@@ -122,20 +124,15 @@ class MaskAttnPanopticMapper:
         """
         Args:
             dataset_dict: detectron2 panoptic dict (file_name, pan_seg_file_name,
-                segments_info with contiguous category ids; height/width optional).
+                segments_info with contiguous category ids; height/width optional); in
+                inference only file_name is needed.
 
         Returns:
             dict: see the class docstring.
         """
         dataset_dict = copy.deepcopy(dataset_dict)
-        image_file, pan_file = dataset_dict["file_name"], dataset_dict["pan_seg_file_name"]
+        image_file = dataset_dict["file_name"]
         image = read_image_checked(image_file, self.image_format)
-        pan_rgb = read_panoptic_png(pan_file)
-        if pan_rgb.shape[:2] != image.shape[:2]:
-            raise ValueError(
-                f"{pan_file}: size {pan_rgb.shape[:2]} differs from image {image_file} "
-                f"{image.shape[:2]}"
-            )
         height = int(dataset_dict.get("height", image.shape[0]))
         width = int(dataset_dict.get("width", image.shape[1]))
         if (height, width) != image.shape[:2]:
@@ -143,17 +140,23 @@ class MaskAttnPanopticMapper:
                 f"{image_file}: image size {image.shape[:2]} differs from the dataset's "
                 f"(height, width) = {(height, width)}"
             )
+        dataset_dict["height"], dataset_dict["width"] = height, width
+        if not self.is_train:
+            image = self._augment(T.AugInput(image)).image
+            dataset_dict["image"] = _image_tensor(image)
+            return dataset_dict
+
+        pan_file = dataset_dict["pan_seg_file_name"]
+        pan_rgb = read_panoptic_png(pan_file)
+        if pan_rgb.shape[:2] != image.shape[:2]:
+            raise ValueError(
+                f"{pan_file}: size {pan_rgb.shape[:2]} differs from image {image_file} "
+                f"{image.shape[:2]}"
+            )
         segments_info = dataset_dict.get("segments_info", [])
         check_segments_info(segments_info, num_classes=self.num_classes, file_name=pan_file)
-
-        aug_input = T.AugInput(image, sem_seg=pan_rgb)
-        self.augmentations(aug_input)
+        aug_input = self._augment(T.AugInput(image, sem_seg=pan_rgb))
         image, pan_rgb = aug_input.image, aug_input.sem_seg
-        if image.shape[:2] != self.network_size:
-            raise ValueError(
-                f"augmentations produced size {image.shape[:2]}, expected the network size "
-                f"{self.network_size}"
-            )
 
         pan_ids = rgb2id(np.ascontiguousarray(pan_rgb))
         self._warn_unlisted_ids(pan_ids, segments_info, pan_file)
@@ -164,11 +167,19 @@ class MaskAttnPanopticMapper:
             ignore_label=self.ignore_label,
             min_instance_pixels=self.min_instance_pixels,
         )
-        dataset_dict["height"], dataset_dict["width"] = height, width
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        dataset_dict["image"] = _image_tensor(image)
         dataset_dict["sem_seg"] = torch.as_tensor(np.ascontiguousarray(sem_seg))
         dataset_dict["instance_ids"] = torch.as_tensor(np.ascontiguousarray(instance_ids))
         return dataset_dict
+
+    def _augment(self, aug_input: T.AugInput) -> T.AugInput:
+        self.augmentations(aug_input)
+        if aug_input.image.shape[:2] != self.network_size:
+            raise ValueError(
+                f"augmentations produced size {aug_input.image.shape[:2]}, expected the network "
+                f"size {self.network_size}"
+            )
+        return aug_input
 
     def _warn_unlisted_ids(self, pan_ids: np.ndarray, segments_info, pan_file: str) -> None:
         """Ids of the PNG missing from segments_info become void (as in panopticapi's
@@ -182,6 +193,11 @@ class MaskAttnPanopticMapper:
                 f"{pan_file}: segment ids {unlisted} are not in segments_info; their pixels "
                 "are treated as void."
             )
+
+
+def _image_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, C) array -> (C, H, W) tensor."""
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def build_dataset_mapper(cfg, is_train: bool = True):

@@ -22,7 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..data.datasets.panoptic_conversion import read_panoptic_ids
-from ..modeling.postprocessing import resize_label_map
+from ..structures.label_maps import resize_label_map
 from .panoptic import PanopticEvaluator
 
 __all__ = ["PaperProtocolPanopticEvaluator", "resize_ids_nearest"]

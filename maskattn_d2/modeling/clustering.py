@@ -88,7 +88,7 @@ def _refine_centres(
 def cluster_embeddings(
     embeddings: torch.Tensor,
     *,
-    similarity_threshold: float = 0.7,
+    similarity_threshold: float,
     min_cluster_size: int = 8,
     max_clusters: int = 100,
     num_seed_candidates: int = 384,

@@ -14,7 +14,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.registry import Registry
 
-from .backbone.blocks import ConvBlock
+from ..layers import ConvBlock
 
 __all__ = [
     "EMBED_HEAD_REGISTRY",
@@ -36,6 +36,18 @@ predicts spatial embeddings, ``"offsets"``: (B, 2, H, W) (dy, dx) from each pixe
 of its instance in pixels, and ``"seed_logits"``: (B, 1, H, W) logits of the seed
 (centre-ness) map.
 """
+
+
+def single_in_feature(cfg_node, key: str) -> str:
+    """The one backbone feature named by a head's IN_FEATURES list (detectron2's key is a
+    list; these heads read exactly one feature)."""
+    names = list(cfg_node.IN_FEATURES)
+    if len(names) != 1:
+        raise ValueError(
+            f"{key}.IN_FEATURES must name exactly one backbone feature (the head reads one), "
+            f"got {names}."
+        )
+    return names[0]
 
 
 def _check_in_feature(input_shape: Dict[str, ShapeSpec], in_feature: str) -> ShapeSpec:
@@ -104,7 +116,7 @@ class MaskAttnSemSegHead(nn.Module):
         return {
             "input_shape": input_shape,
             "num_classes": h.NUM_CLASSES,
-            "in_feature": h.IN_FEATURES[0],
+            "in_feature": single_in_feature(h, "MODEL.SEM_SEG_HEAD"),
             "convs_dim": h.CONVS_DIM,
             "norm": h.NORM,
         }
@@ -144,7 +156,7 @@ class MaskAttnEmbedHead(nn.Module):
         convs_dim: int = 64,
         norm: str = "BN",
         coord_conv: bool = True,
-        spatial: bool = False,
+        spatial: bool = True,
     ):
         """
         Args:
@@ -184,7 +196,7 @@ class MaskAttnEmbedHead(nn.Module):
         h = cfg.MODEL.EMBED_HEAD
         return {
             "input_shape": input_shape,
-            "in_feature": h.IN_FEATURES[0],
+            "in_feature": single_in_feature(h, "MODEL.EMBED_HEAD"),
             "embed_dim": h.EMBED_DIM,
             "convs_dim": h.CONVS_DIM,
             "norm": h.NORM,

@@ -14,6 +14,7 @@ __all__ = [
     "dice_loss",
     "instance_contrastive_loss",
     "sample_instance_pixels",
+    "sample_batch_instance_pixels",
     "gate_loss",
     "instance_centres",
     "instance_depth",
@@ -141,44 +142,128 @@ def _random_keys(n: int, device: torch.device, generator: Optional[torch.Generat
 
 
 def _balanced_quotas(
-    counts: torch.Tensor, samples_per_instance: int, max_samples: int, priority: torch.Tensor
+    counts: torch.Tensor,
+    image_of_instance: torch.Tensor,
+    num_images: int,
+    samples_per_instance: int,
+    max_samples: int,
+    priority: torch.Tensor,
 ) -> torch.Tensor:
     """
     Samples to draw per instance: ``min(count, samples_per_instance)``, lowered evenly
-    (water-filling) when their total exceeds ``max_samples``.
+    (water-filling) in the images where their total exceeds ``max_samples``; all images at
+    once, without host syncs.
 
     Args:
         counts: (M,) int64 pixels per instance, all >= 1.
+        image_of_instance: (M,) int64 image of each instance in [0, num_images), sorted.
+        num_images: B.
         samples_per_instance: per-instance maximum.
-        max_samples: cap on the total.
+        max_samples: cap on the total of each image.
         priority: (M,) float; where the cap leaves a remainder, the instances with the lowest
-            priority among those that can take one more sample get it.
+            priority among those of the image that can take one more sample get it.
 
     Returns:
-        (M,) int64 quotas, each <= its count, summing to ``min(max_samples, sum(min(counts,
-        samples_per_instance)))``.
+        (M,) int64 quotas, each <= its count, summing per image to ``min(max_samples,
+        sum(min(counts, samples_per_instance)))``.
     """
+    device = counts.device
+    num = counts.numel()
+    positions = torch.arange(num, device=device)
+    per_image = torch.bincount(image_of_instance, minlength=num_images)
+    image_start = (torch.cumsum(per_image, 0) - per_image).index_select(0, image_of_instance)
     quota = counts.clamp(max=samples_per_instance)
-    total = int(quota.sum())
-    if total <= max_samples:
-        return quota
-    # Largest level q with sum(min(quota, q)) <= max_samples. At the sorted breakpoints a_j the
-    # total is prefix_j + (M - j) * a_j; on the first segment that overshoots it is linear in q.
-    sorted_quota = quota.sort().values
-    num = sorted_quota.numel()
+    # Largest level q with sum(min(quota, q)) <= max_samples in each image. At the sorted
+    # breakpoints a_j of an image the total is prefix_j + (M_i - j) * a_j; on the first one
+    # that overshoots it is linear in q. Images under the cap have no such breakpoint.
+    order = torch.argsort(image_of_instance * (samples_per_instance + 1) + quota)
+    sorted_quota = quota[order]
     prefix = torch.cumsum(sorted_quota, 0) - sorted_quota
-    remaining = num - torch.arange(num, device=quota.device)
+    prefix = prefix - prefix.index_select(0, image_start)
+    remaining = per_image.index_select(0, image_of_instance) - (positions - image_start)
     over = prefix + remaining * sorted_quota > max_samples
-    j = int(torch.nonzero(over)[0, 0])
-    level = (max_samples - int(prefix[j])) // int(remaining[j])
-    quota = quota.clamp(max=level)
-    leftover = max_samples - int(quota.sum())
-    if leftover > 0:
-        # Instances still above the level can take one more; hand out the remainder.
-        eligible = counts > level
-        order = torch.where(eligible, priority, torch.full_like(priority, math.inf)).argsort()
-        quota[order[:leftover]] += 1
-    return quota
+    first = torch.full((num_images,), num, dtype=torch.long, device=device).scatter_reduce(
+        0, image_of_instance, torch.where(over, positions, num), "amin"
+    )
+    capped = first < num
+    at = first.clamp(max=max(num - 1, 0))
+    level = torch.where(
+        capped,
+        torch.div(max_samples - prefix[at], remaining[at].clamp(min=1), rounding_mode="floor"),
+        samples_per_instance,
+    )
+    level_of_instance = level.index_select(0, image_of_instance)
+    quota = torch.minimum(quota, level_of_instance)
+    leftover = torch.where(
+        capped,
+        max_samples - torch.zeros_like(level).index_add_(0, image_of_instance, quota),
+        0,
+    )
+    # Instances still above the level can take one more; the remainder goes to the eligible
+    # ones of lowest priority in each image (ineligible ones sort last).
+    eligible = counts > level_of_instance
+    order = torch.argsort(torch.where(eligible, priority, torch.full_like(priority, math.inf)))
+    order = order[torch.argsort(image_of_instance[order], stable=True)]
+    rank = positions - image_start  # image_of_instance[order] == image_of_instance
+    extra = (rank < leftover.index_select(0, image_of_instance)).long()
+    return quota.index_add_(0, order, extra)
+
+
+def sample_batch_instance_pixels(
+    instance_ids: torch.Tensor,
+    *,
+    samples_per_instance: int,
+    max_samples: int,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    :func:`sample_instance_pixels` of every image of a batch at once.
+
+    Args:
+        instance_ids: (B, N) int64 flat instance maps; values <= 0 are ignored, k >= 1 is
+            instance k of that image.
+        samples_per_instance, max_samples, generator: as :func:`sample_instance_pixels`
+            (``max_samples`` caps each image).
+
+    Returns:
+        images: (S,) int64 image of each sampled pixel, non-decreasing.
+        indices: (S,) int64 positions into that image's ``instance_ids`` row.
+        labels: (S,) int64 compact instance labels in [0, M) over the batch (an instance of
+            one image never shares a label with one of another).
+    """
+    if instance_ids.dim() != 2:
+        raise ValueError(f"instance_ids must be (B, N), got {tuple(instance_ids.shape)}.")
+    num_images, n = instance_ids.shape
+    device = instance_ids.device
+    flat = instance_ids.flatten()
+    pixels = torch.nonzero(flat > 0).squeeze(1)
+    if pixels.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, empty
+    # One id space for the batch, image-major: image i's instance k is i * stride + k.
+    stride = int(flat.max()) + 1
+    keys, labels = torch.unique(
+        torch.div(pixels, n, rounding_mode="floor") * stride + flat[pixels], return_inverse=True
+    )
+    counts = torch.bincount(labels)
+    quotas = _balanced_quotas(
+        counts,
+        torch.div(keys, stride, rounding_mode="floor"),
+        num_images,
+        samples_per_instance,
+        max_samples,
+        _random_keys(counts.numel(), device, generator),
+    )
+    # Random order first, then a stable sort by instance: each instance's segment is a
+    # uniformly random permutation of its pixels, so its first `quota` entries are a sample.
+    order = torch.argsort(_random_keys(pixels.numel(), device, generator))
+    order = order[torch.argsort(labels[order], stable=True)]
+    sorted_labels = labels[order]
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=device) - starts[sorted_labels]
+    keep = rank < quotas[sorted_labels]
+    sampled = pixels[order[keep]]
+    return torch.div(sampled, n, rounding_mode="floor"), sampled % n, sorted_labels[keep]
 
 
 def sample_instance_pixels(
@@ -209,55 +294,72 @@ def sample_instance_pixels(
     """
     if instance_ids.dim() != 1:
         raise ValueError(f"instance_ids must be flat (N,), got {tuple(instance_ids.shape)}.")
-    device = instance_ids.device
-    pixels = torch.nonzero(instance_ids > 0).squeeze(1)
-    if pixels.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
-    _, labels = torch.unique(instance_ids[pixels], return_inverse=True)
-    counts = torch.bincount(labels)
-    quotas = _balanced_quotas(
-        counts,
-        samples_per_instance,
-        max_samples,
-        _random_keys(counts.numel(), device, generator),
+    _, indices, labels = sample_batch_instance_pixels(
+        instance_ids[None],
+        samples_per_instance=samples_per_instance,
+        max_samples=max_samples,
+        generator=generator,
     )
-    # Random order first, then a stable sort by instance: each instance's segment is a
-    # uniformly random permutation of its pixels, so its first `quota` entries are a sample.
-    order = torch.argsort(_random_keys(pixels.numel(), device, generator))
-    order = order[torch.argsort(labels[order], stable=True)]
-    sorted_labels = labels[order]
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=device) - starts[sorted_labels]
-    keep = rank < quotas[sorted_labels]
-    return pixels[order[keep]], sorted_labels[keep]
+    return indices, labels
 
 
-def _supcon_anchor_losses(
-    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float
+def _supcon_loss(
+    embeddings: torch.Tensor,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
 ) -> torch.Tensor:
     """
-    Per-anchor supervised contrastive losses of one sampled set.
+    Mean supervised contrastive loss of the sampled pixels' anchors, all images at once: each
+    image's samples fill one row of a padded (B, S, D) batch, so one batched product gives
+    every image's |S_i| x |S_i| similarities for the softmax normalisers; the positives'
+    terms come from per-instance sums of embeddings.
 
     Args:
-        embeddings: (S, D) float, L2-normalised.
-        labels: (S,) int64 instance labels.
+        embeddings: (B, D, N) float, L2-normalised.
+        images, indices, labels: the samples, as :func:`sample_batch_instance_pixels`.
         temperature: tau > 0.
 
     Returns:
-        (A,) losses of the anchors that have at least one positive.
+        Scalar: the mean over the anchors that have a positive, in images with at least two
+        sampled instances; 0 (keeping the graph) if there are none.
     """
-    num = labels.numel()
-    logits = embeddings @ embeddings.t() / temperature
-    self_mask = torch.eye(num, dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(self_mask, -math.inf)
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    num_positives = positives.sum(dim=1)
-    # where(), not a product: the diagonal of log_prob is -inf and -inf * 0 is nan.
-    pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-    has_positive = num_positives > 0
-    return -pos_log_prob[has_positive] / num_positives[has_positive]
+    num_images = embeddings.shape[0]
+    device = embeddings.device
+    per_image = torch.bincount(images, minlength=num_images)
+    slot = torch.arange(images.numel(), device=device) - (
+        torch.cumsum(per_image, 0) - per_image
+    ).index_select(0, images)
+    width = int(per_image.max())
+    sampled = embeddings[images, :, indices].float()  # (S, D)
+    padded = sampled.new_zeros(num_images, width, sampled.shape[1]).index_put(
+        (images, slot), sampled
+    )
+    valid = torch.zeros(num_images, width, dtype=torch.bool, device=device).index_put(
+        (images, slot), torch.ones_like(images, dtype=torch.bool)
+    )
+    logits = torch.bmm(padded, padded.transpose(1, 2)) / temperature
+    # Self and padding drop out of each sample's softmax (rows of padding keep theirs, so stay
+    # finite; a lone sample's row is all -inf, and masked_fill's backward zeroes its nan).
+    self_mask = torch.eye(width, dtype=torch.bool, device=device)
+    excluded = (self_mask | ~valid[:, None, :]) & valid[:, :, None]
+    log_normaliser = torch.logsumexp(logits.masked_fill(excluded, -math.inf), dim=2)[images, slot]
+    # sum_{k in P(i)} e_i.e_k = e_i.(sum of i's instance - e_i): no S x S positive mask needed.
+    num_labels = int(labels.max()) + 1
+    label_sums = sampled.new_zeros(num_labels, sampled.shape[1]).index_add_(0, labels, sampled)
+    label_counts = torch.bincount(labels, minlength=num_labels)
+    num_positives = label_counts.index_select(0, labels) - 1
+    positive_logits = (sampled * (label_sums.index_select(0, labels) - sampled)).sum(1)
+    # Images with fewer than two sampled instances have no negatives: they contribute nothing.
+    image_of_label = torch.zeros_like(label_counts).scatter_(0, labels, images)
+    instances_per_image = torch.bincount(image_of_label[label_counts > 0], minlength=num_images)
+    anchors = (num_positives > 0) & (instances_per_image >= 2).index_select(0, images)
+    mean_positive_log_prob = (
+        positive_logits / temperature - num_positives * log_normaliser
+    ) / num_positives.clamp(min=1)
+    anchor_losses = torch.where(anchors, -mean_positive_log_prob, 0.0)
+    return anchor_losses.sum() / anchors.sum().clamp(min=1)
 
 
 def instance_contrastive_loss(
@@ -277,7 +379,8 @@ def instance_contrastive_loss(
     ``l(i, k) = -log(exp(e_i.e_k / tau) / sum_{m in S, m != i} exp(e_i.e_m / tau))`` is averaged
     over k in P(i), then over all anchors with |P(i)| >= 1 of all images. Images with fewer
     than two sampled instances contribute nothing (they have no negatives). Only an |S| x |S|
-    similarity matrix is built per image (|S| <= max_samples_per_image).
+    similarity matrix is built per image (|S| <= max_samples_per_image), all images in one
+    batched product, with a few host syncs per batch rather than per image.
 
     Args:
         embeddings: (B, D, H, W) L2-normalised pixel embeddings (computed in float32).
@@ -315,24 +418,15 @@ def instance_contrastive_loss(
             f"samples_per_instance must be >= 1 and max_samples_per_image >= 2, got "
             f"{samples_per_instance} and {max_samples_per_image}."
         )
-    anchor_losses = []
-    for image_embeddings, image_ids in zip(embeddings, instance_ids):
-        indices, labels = sample_instance_pixels(
-            image_ids.flatten(),
-            samples_per_instance=samples_per_instance,
-            max_samples=max_samples_per_image,
-            generator=generator,
-        )
-        if labels.numel() == 0 or int(labels.max()) == int(labels.min()):
-            continue  # fewer than two instances: no negatives
-        sampled = image_embeddings.flatten(1)[:, indices].t().float()
-        anchor_losses.append(_supcon_anchor_losses(sampled, labels, temperature))
-    if not anchor_losses:
+    images, indices, labels = sample_batch_instance_pixels(
+        instance_ids.flatten(1),
+        samples_per_instance=samples_per_instance,
+        max_samples=max_samples_per_image,
+        generator=generator,
+    )
+    if labels.numel() == 0:
         return embeddings.sum() * 0
-    losses = torch.cat(anchor_losses)
-    if losses.numel() == 0:
-        return embeddings.sum() * 0
-    return losses.mean()
+    return _supcon_loss(embeddings.flatten(2), images, indices, labels, temperature)
 
 
 def instance_centres(instance_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

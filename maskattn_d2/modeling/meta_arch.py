@@ -13,6 +13,8 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 
+from ..config import check_resize_mode
+from ..structures.label_maps import resize_label_map
 from .heads import build_embed_head
 from .losses import (
     gate_loss,
@@ -78,23 +80,8 @@ def build_postprocessor(cfg, thing_ids: Optional[Sequence[int]] = None) -> MaskA
     Args:
         thing_ids: contiguous thing class ids; default :func:`thing_ids_from_config`.
     """
-    post = cfg.MODEL.MASK_ATTN_POSTPROCESS
     return MaskAttnPostProcessor(
-        num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-        thing_ids=thing_ids_from_config(cfg) if thing_ids is None else thing_ids,
-        instance_method=post.INSTANCE_METHOD,
-        similarity_threshold=post.SIMILARITY_THRESHOLD,
-        seed_threshold=post.SEED_THRESHOLD,
-        seed_min_distance=post.SEED_MIN_DISTANCE,
-        embedding_weight=post.EMBEDDING_WEIGHT,
-        within_components=post.WITHIN_COMPONENTS,
-        merge_ratio=post.MERGE_RATIO,
-        upsample_thing_boundaries=post.UPSAMPLE_THING_BOUNDARIES,
-        min_instance_area=post.MIN_INSTANCE_AREA,
-        max_instances=post.MAX_INSTANCES,
-        stuff_area=post.STUFF_AREA,
-        score_threshold=post.SCORE_THRESHOLD,
-        label_divisor=post.LABEL_DIVISOR,
+        cfg, thing_ids=thing_ids_from_config(cfg) if thing_ids is None else thing_ids
     )
 
 
@@ -118,7 +105,7 @@ def postprocess_batch(
         results.append(
             postprocessor(
                 logits,
-                {k: v[i] for k, v in head_outputs.items()},
+                {k: v[i] for k, v in head_outputs.items()} or None,
                 (int(height), int(width)),
                 semantic_on=semantic_on,
                 instance_on=instance_on,
@@ -126,6 +113,7 @@ def postprocess_batch(
             )
         )
     return results
+
 
 @META_ARCH_REGISTRY.register()
 class MaskAttnUNet(nn.Module):
@@ -158,8 +146,8 @@ class MaskAttnUNet(nn.Module):
         samples_per_instance: int = 32,
         max_samples_per_image: int = 512,
         gate_loss_weight: float = 0.0,
-        offset_loss_weight: float = 0.0,
-        seed_loss_weight: float = 0.0,
+        offset_loss_weight: float = 1.0,
+        seed_loss_weight: float = 1.0,
         seed_target: str = "depth",
         seed_sigma_scale: float = 0.5,
         semantic_on: bool = True,
@@ -229,6 +217,7 @@ class MaskAttnUNet(nn.Module):
         thing_ids = thing_ids_from_config(cfg)
         head, embed = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.EMBED_HEAD
         post = cfg.MODEL.MASK_ATTN_POSTPROCESS
+        check_resize_mode(cfg)
         return {
             "backbone": backbone,
             "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
@@ -325,9 +314,20 @@ class MaskAttnUNet(nn.Module):
             resolution.
         """
         images = self.preprocess_image(batched_inputs)
+        # Here rather than in the backbone's forward, where it would cost every training step
+        # a pass and a host sync (training stops on a non-finite loss instead).
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        if not all(finite):
+            bad = [batched_inputs[i].get("file_name", f"input {i}") for i, ok in
+                   enumerate(finite) if not ok]
+            raise ValueError(f"non-finite pixel values (NaN or Inf) in {bad}.")
         features = self.backbone(images)
         sem_logits = self.sem_seg_head(features).float()
-        head_outputs = {k: v.float() for k, v in self.embed_head(features).items()}
+        needs_instances = self.instance_on or self.panoptic_on
+        if do_postprocess and not self.postprocessor.needed_head_outputs(needs_instances):
+            head_outputs = {}  # connected components or semantic only: the head is not read
+        else:
+            head_outputs = {k: v.float() for k, v in self.embed_head(features).items()}
         if not do_postprocess:
             return sem_logits, head_outputs
         return postprocess_batch(
@@ -360,16 +360,13 @@ class MaskAttnUNet(nn.Module):
         return torch.stack(images)
 
     def _stack_target(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
-        """Stack a per-image (H,W) target, resized (nearest) to the network size if needed."""
+        """Stack a per-image (H,W) target, resized to the network size if needed with the one
+        label-map rule (:func:`resize_label_map`: nearest, pixel-centre aligned)."""
         targets = []
         for i, inputs in enumerate(batched_inputs):
             if key not in inputs:
                 raise ValueError(f"Training input {i} has no '{key}' target: use the "
                                  "MaskAttnPanopticMapper (INPUT.DATASET_MAPPER_NAME).")
-            target = inputs[key].to(self.device, torch.long)
-            if tuple(target.shape) != self.network_size:
-                target = F.interpolate(
-                    target[None, None].float(), size=self.network_size, mode="nearest"
-                )[0, 0].long()
-            targets.append(target)
+            targets.append(resize_label_map(inputs[key].to(self.device, torch.long),
+                                            self.network_size))
         return torch.stack(targets)

@@ -12,8 +12,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
+from ..structures.label_maps import boxes_from_projections, label_map_boxes, resize_label_map
 from .clustering import (
     _component_maxima,
     _greedy_suppression,
@@ -51,77 +53,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"masks must have shape (N, H, W), got {tuple(masks.shape)}.")
     if masks.shape[0] == 0:
         return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
-    return _boxes_from_projections(masks.any(dim=2), masks.any(dim=1))
-
-
-def _boxes_from_projections(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """:func:`masks_to_boxes` from the masks' occupied rows (N, H) and columns (N, W), bool."""
-    h, w = rows.shape[1], cols.shape[1]
-    xs = torch.arange(w, device=cols.device)
-    ys = torch.arange(h, device=rows.device)
-    x1 = torch.where(cols, xs, w).amin(dim=1)
-    x2 = torch.where(cols, xs, -1).amax(dim=1) + 1
-    y1 = torch.where(rows, ys, h).amin(dim=1)
-    y2 = torch.where(rows, ys, -1).amax(dim=1) + 1
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return torch.where(cols.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
-
-
-def _label_map_boxes(
-    label_map: torch.Tensor, labels: torch.Tensor, num_labels: int
-) -> torch.Tensor:
-    """
-    :func:`masks_to_boxes` of the masks ``label_map == label`` for each of ``labels``, without
-    forming the masks: the occupied rows and columns of every label come from one bincount
-    per axis.
-
-    Args:
-        label_map: (H, W) int64 labels in [-1, num_labels).
-        labels: (N,) int64 labels in [0, num_labels).
-        num_labels: number of labels.
-
-    Returns:
-        (N, 4) float32 XYXY boxes.
-    """
-    h, w = label_map.shape
-    slot = label_map + 1  # slot 0: label -1
-    num_slots = num_labels + 1
-    device = label_map.device
-    cols = torch.bincount(
-        (slot * w + torch.arange(w, device=device)).flatten(), minlength=num_slots * w
-    ).view(num_slots, w)
-    rows = torch.bincount(
-        (slot * h + torch.arange(h, device=device)[:, None]).flatten(), minlength=num_slots * h
-    ).view(num_slots, h)
-    selected = labels + 1
-    return _boxes_from_projections(
-        rows.index_select(0, selected) > 0, cols.index_select(0, selected) > 0
-    )
-
-
-def resize_label_map(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """
-    Nearest-neighbour resize of an integer map with pixel-centre alignment (the same geometry
-    as bilinear with ``align_corners=False``), done by indexing so ids stay exact in any dtype.
-
-    Args:
-        labels: (h, w) integer map.
-        size: (H, W) output size.
-
-    Returns:
-        (H, W) map of the same dtype.
-    """
-    h, w = labels.shape
-    out_h, out_w = size
-    if (out_h, out_w) == (h, w):
-        return labels
-    # Output pixel i samples input pixel floor((i + 0.5) * h / out_h) (PIL's NEAREST rule),
-    # in float64 so that exact boundaries round the same way on every device.
-    device = labels.device
-    ys = torch.arange(out_h, device=device, dtype=torch.float64).add_(0.5).mul_(h).div_(out_h)
-    xs = torch.arange(out_w, device=device, dtype=torch.float64).add_(0.5).mul_(w).div_(out_w)
-    ys, xs = ys.long().clamp_(max=h - 1), xs.long().clamp_(max=w - 1)
-    return labels[ys[:, None], xs[None, :]]
+    return boxes_from_projections(masks.any(dim=2), masks.any(dim=1))
 
 
 def _grow_by_one_pixel(labels: torch.Tensor) -> torch.Tensor:
@@ -268,7 +200,7 @@ def embedding_instances(
     embeddings: torch.Tensor,
     is_thing: torch.Tensor,
     *,
-    similarity_threshold: float = 0.7,
+    similarity_threshold: float = 0.9,
     min_instance_area: int = 8,
     max_instances: int = 100,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -709,6 +641,7 @@ class MaskAttnPostProcessor:
     Areas thresholds (``min_instance_area``, ``stuff_area``) apply at network resolution.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -799,6 +732,27 @@ class MaskAttnPostProcessor:
         self.stuff_area = stuff_area
         self.score_threshold = score_threshold
         self.label_divisor = label_divisor
+
+    @classmethod
+    def from_config(cls, cfg, thing_ids: Sequence[int]):
+        post = cfg.MODEL.MASK_ATTN_POSTPROCESS
+        return {
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "thing_ids": thing_ids,
+            "instance_method": post.INSTANCE_METHOD,
+            "similarity_threshold": post.SIMILARITY_THRESHOLD,
+            "seed_threshold": post.SEED_THRESHOLD,
+            "seed_min_distance": post.SEED_MIN_DISTANCE,
+            "embedding_weight": post.EMBEDDING_WEIGHT,
+            "within_components": post.WITHIN_COMPONENTS,
+            "merge_ratio": post.MERGE_RATIO,
+            "upsample_thing_boundaries": post.UPSAMPLE_THING_BOUNDARIES,
+            "min_instance_area": post.MIN_INSTANCE_AREA,
+            "max_instances": post.MAX_INSTANCES,
+            "stuff_area": post.STUFF_AREA,
+            "score_threshold": post.SCORE_THRESHOLD,
+            "label_divisor": post.LABEL_DIVISOR,
+        }
 
     def _is_thing(self, device: torch.device) -> torch.Tensor:
         is_thing = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
@@ -952,6 +906,17 @@ class MaskAttnPostProcessor:
         "connected_components": {},
     }
 
+    def needed_head_outputs(self, needs_instances: bool) -> Dict[str, Optional[int]]:
+        """The embedding head outputs a call reads, with their channel counts (None: any):
+        empty for "connected_components" or when no instances are wanted (semantic only),
+        so the caller can skip the head."""
+        if not needs_instances:
+            return {}
+        needed = dict(self._NEEDED_OUTPUTS[self.instance_method])
+        if self.instance_method == "spatial_embedding" and self.embedding_weight > 0:
+            needed["embeddings"] = None
+        return needed
+
     def _check_inputs(self, sem_logits, head_outputs, output_size, needs_instances: bool) -> None:
         if sem_logits.dim() != 3 or sem_logits.shape[0] != self.num_classes:
             raise ValueError(
@@ -960,12 +925,7 @@ class MaskAttnPostProcessor:
             )
         if len(output_size) != 2 or min(output_size) < 1:
             raise ValueError(f"output_size must be (H, W) with H, W >= 1, got {output_size}.")
-        needed = dict(self._NEEDED_OUTPUTS[self.instance_method])
-        if self.instance_method == "spatial_embedding" and self.embedding_weight > 0:
-            needed["embeddings"] = None
-        if not needs_instances or not needed:
-            return
-        for key, channels in needed.items():
+        for key, channels in self.needed_head_outputs(needs_instances).items():
             value = None if head_outputs is None else head_outputs.get(key)
             if value is None:
                 hint = (
@@ -999,7 +959,7 @@ class MaskAttnPostProcessor:
         ids = torch.tensor(indices, dtype=torch.long, device=device)
         instances = Instances(output_size)
         instances.pred_masks = segment_map[None] == ids[:, None, None]
-        instances.pred_boxes = Boxes(_label_map_boxes(segment_map, ids, num_segments))
+        instances.pred_boxes = Boxes(label_map_boxes(segment_map, ids, num_segments))
         instances.pred_classes = torch.tensor(
             [s["category_id"] for s in things], dtype=torch.long, device=device
         )

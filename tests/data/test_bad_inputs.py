@@ -27,7 +27,7 @@ def mapper(**overrides):
         num_classes=2,
     )
     kwargs.update(overrides)
-    return MaskAttnPanopticMapper(False, **kwargs)
+    return MaskAttnPanopticMapper(True, **kwargs)  # builds targets; resize only
 
 
 def sample(tmp_path, image_file, height, width):

@@ -149,7 +149,8 @@ def coco_dicts():
     return dicts, meta
 
 
-def _eval_mapper(meta, **overrides):
+def _resize_mapper(meta, **overrides):
+    """A training-mode mapper (it builds targets) whose only augmentation is the resize."""
     kwargs = dict(
         augmentations=eval_augmentations(NET),
         image_format="RGB",
@@ -160,10 +161,10 @@ def _eval_mapper(meta, **overrides):
         num_classes=len(meta["stuff_classes"]),
     )
     kwargs.update(overrides)
-    return MaskAttnPanopticMapper(False, **kwargs)
+    return MaskAttnPanopticMapper(True, **kwargs)
 
 
-def _colour_mapper(is_train=False, **overrides):
+def _colour_mapper(is_train=True, **overrides):
     """A mapper for the colour-coded sample (things 0 and 1 of 4 classes)."""
     kwargs = dict(
         augmentations=eval_augmentations(NET),
@@ -181,7 +182,7 @@ def _colour_mapper(is_train=False, **overrides):
 def test_mapper_on_coco_sample(coco_dicts):
     dicts, meta = coco_dicts
     thing_ids = set(meta["thing_dataset_id_to_contiguous_id"].values())
-    mapper = _eval_mapper(meta)
+    mapper = _resize_mapper(meta)
     saw_crowd = False
     for d in dicts:
         out = mapper(d)
@@ -221,7 +222,7 @@ def test_mapper_on_coco_sample(coco_dicts):
 def test_mapper_does_not_modify_the_dataset_dict(coco_dicts):
     dicts, meta = coco_dicts
     before = repr(dicts[0])
-    _eval_mapper(meta)(dicts[0])
+    _resize_mapper(meta)(dicts[0])
     assert repr(dicts[0]) == before
 
 
@@ -395,6 +396,47 @@ def test_mapper_errors_name_the_file(tmp_path):
     Image.new("RGB", (20, 20)).save(small)
     with pytest.raises(ValueError, match="differs"):
         mapper(dict(d, file_name=str(small), height=20, width=20))
+
+
+def test_inference_mapper_reads_only_the_image(tmp_path):
+    """Inference on images without annotations: a dict with only file_name/height/width/
+    image_id goes through the test-time mapper and the model."""
+    from detectron2.modeling import build_model
+
+    d = _colour_coded_sample(tmp_path)
+    bare = {key: d[key] for key in ("file_name", "height", "width", "image_id")}
+    out = _colour_mapper(is_train=False)(bare)
+    assert set(out) == {"file_name", "height", "width", "image_id", "image"}
+    assert out["image"].shape == (3, *NET) and out["image"].dtype == torch.uint8
+    expected = np.asarray(Image.open(d["file_name"]).resize(NET[::-1], Image.BILINEAR))
+    np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), expected)
+    # The PNG is not read at inference, even when the dict names one.
+    (tmp_path / "pan.png").unlink()
+    assert set(_colour_mapper(is_train=False)(d)) == set(d) | {"image"}
+
+    name = "test_inference_mapper_colour"
+    MetadataCatalog.get(name).set(
+        thing_dataset_id_to_contiguous_id={1: 0, 2: 1},
+        stuff_dataset_id_to_contiguous_id={3: 2, 4: 3},
+        stuff_classes=["a", "b", "c", "d"],
+    )
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TEST = (name,)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
+    cfg.MODEL.MASK_ATTN_UNET.CHANNELS = [8, 16]
+    cfg.MODEL.MASK_ATTN.ENCODER_SCALES = []
+    cfg.MODEL.MASK_ATTN.DECODER_SCALES = []
+    try:
+        mapper = build_dataset_mapper(cfg, is_train=False)
+        model = build_model(cfg).eval()
+        (result,) = model([mapper(bare)])
+    finally:
+        MetadataCatalog.remove(name)
+    assert result["sem_seg"].shape == (4, 90, 150)
+    assert result["panoptic_seg"][0].shape == (90, 150)
+    assert result["instances"].image_size == (90, 150)
 
 
 def test_mapper_rejects_augmentations_not_ending_at_network_size(tmp_path):

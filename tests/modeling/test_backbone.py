@@ -10,7 +10,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 from maskattn_d2.config import add_maskattn_config
 from maskattn_d2.modeling.attention.hybrid_attention import HybridAttention, MultiScaleFusion
 from maskattn_d2.modeling.attention.mask_attention import MaskAttention
-from maskattn_d2.modeling.backbone.blocks import (
+from maskattn_d2.layers import (
     ConvBlock,
     get_activation,
     get_norm_layer,
@@ -116,13 +116,8 @@ def test_bad_inputs_raise():
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="expects"):
         model(torch.randn(3, 64, 64))
-    x = torch.randn(1, 3, 64, 64)
-    x[0, 1, 5, 5] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        model(x)
-    x[0, 1, 5, 5] = float("inf")
-    with pytest.raises(ValueError, match="non-finite"):
-        model(x)
+    with pytest.raises(ValueError, match="floating-point"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="60x64"):
         model(torch.randn(1, 3, 60, 64))
 

@@ -129,3 +129,13 @@ def test_embed_head_spatial_outputs_start_neutral_and_learn():
     assert all(p.grad is not None for p in head.parameters())
     plain = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=4, spatial=False)
     assert set(plain(_features())) == {"embeddings"}
+
+
+@pytest.mark.parametrize("node", ["SEM_SEG_HEAD", "EMBED_HEAD"])
+@pytest.mark.parametrize("names", [[], ["dec1", "dec2"]])
+def test_in_features_must_name_one_feature(node, names):
+    cfg = _cfg()
+    cfg.MODEL[node].IN_FEATURES = names
+    build = build_sem_seg_head if node == "SEM_SEG_HEAD" else build_embed_head
+    with pytest.raises(ValueError, match=f"MODEL.{node}.IN_FEATURES must name exactly one"):
+        build(cfg, SHAPES)

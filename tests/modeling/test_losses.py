@@ -6,9 +6,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from maskattn_d2.modeling.losses import (
+    _balanced_quotas,
     dice_loss,
     gate_loss,
     instance_contrastive_loss,
+    sample_batch_instance_pixels,
     sample_instance_pixels,
     semantic_loss,
 )
@@ -296,6 +298,111 @@ def test_single_instance_images_contribute_nothing():
     assert empty.item() == 0.0
 
 
+# The per-image implementation the batched one replaced (a loop over images with host syncs
+# in each), kept here as the reference.
+def _per_image_quotas(counts, samples_per_instance, max_samples, priority):
+    quota = counts.clamp(max=samples_per_instance)
+    total = int(quota.sum())
+    if total <= max_samples:
+        return quota
+    sorted_quota = quota.sort().values
+    num = sorted_quota.numel()
+    prefix = torch.cumsum(sorted_quota, 0) - sorted_quota
+    remaining = num - torch.arange(num)
+    over = prefix + remaining * sorted_quota > max_samples
+    j = int(torch.nonzero(over)[0, 0])
+    level = (max_samples - int(prefix[j])) // int(remaining[j])
+    quota = quota.clamp(max=level)
+    leftover = max_samples - int(quota.sum())
+    if leftover > 0:
+        eligible = counts > level
+        order = torch.where(eligible, priority, torch.full_like(priority, math.inf)).argsort()
+        quota[order[:leftover]] += 1
+    return quota
+
+
+def _per_image_supcon(embeddings, images, indices, labels, temperature):
+    """Mean SupCon loss, one image at a time, of the given samples."""
+    anchor_losses = []
+    for i, image_embeddings in enumerate(embeddings):
+        image_labels = labels[images == i]
+        if image_labels.numel() == 0 or int(image_labels.max()) == int(image_labels.min()):
+            continue
+        sampled = image_embeddings.flatten(1)[:, indices[images == i]].t().float()
+        num = image_labels.numel()
+        logits = sampled @ sampled.t() / temperature
+        self_mask = torch.eye(num, dtype=torch.bool)
+        logits = logits.masked_fill(self_mask, -math.inf)
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        positives = (image_labels[:, None] == image_labels[None, :]) & ~self_mask
+        num_positives = positives.sum(dim=1)
+        pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+        has_positive = num_positives > 0
+        anchor_losses.append(-pos_log_prob[has_positive] / num_positives[has_positive])
+    losses = torch.cat(anchor_losses) if anchor_losses else torch.zeros(0)
+    return losses.mean() if losses.numel() else embeddings.sum() * 0
+
+
+def _blob_batch(seed=0, b=6, d=8, h=24, w=24):
+    """Random instance maps with big and small instances; image 3 has one instance, image 4
+    none, image 5 a single pixel."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = F.normalize(torch.randn(b, d, h, w, generator=g), dim=1)
+    coarse = torch.randint(0, 7, (b, 1, 4, 4), generator=g).float()
+    ids = F.interpolate(coarse, size=(h, w), mode="nearest")[:, 0].long()
+    ids[torch.rand(b, h, w, generator=g) < 0.05] = 11  # a scattered instance
+    ids[0, :2, :2] = 12  # a 4-pixel instance, below the cap
+    ids[3] = (ids[3] > 0).long() * 2
+    ids[4] = 0
+    ids[5] = 0
+    ids[5, 3, 4] = 1
+    return embeddings, ids
+
+
+def test_batched_quotas_match_the_per_image_water_filling():
+    g = torch.Generator().manual_seed(0)
+    images = torch.tensor([0] * 5 + [1] * 3 + [2] * 7 + [4] * 2)  # image 3 has no instance
+    counts = torch.randint(1, 60, (images.numel(),), generator=g)
+    priority = torch.rand(images.numel(), generator=g)
+    for spi, cap in [(32, 40), (16, 200), (8, 9), (64, 3)]:
+        batched = _balanced_quotas(counts, images, 5, spi, cap, priority)
+        expected = torch.cat([
+            _per_image_quotas(counts[images == i], spi, cap, priority[images == i])
+            for i in range(5) if (images == i).any()
+        ])
+        assert torch.equal(batched, expected), (spi, cap)
+
+
+@pytest.mark.parametrize("caps", [(16, 40), (1000, 10000), (3, 2)])
+def test_batched_contrastive_loss_matches_the_per_image_loop(caps):
+    samples_per_instance, max_samples = caps
+    embeddings, ids = _blob_batch()
+    embeddings.requires_grad_(True)
+    kwargs = dict(samples_per_instance=samples_per_instance, max_samples_per_image=max_samples)
+    loss = instance_contrastive_loss(
+        embeddings, ids, temperature=0.2, generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    (grad,) = torch.autograd.grad(loss, embeddings)
+    # The same generator draws the same samples.
+    images, indices, labels = sample_batch_instance_pixels(
+        ids.flatten(1),
+        samples_per_instance=samples_per_instance,
+        max_samples=max_samples,
+        generator=torch.Generator().manual_seed(3),
+    )
+    flat = ids.flatten(1)
+    assert bool((flat[images, indices] > 0).all())
+    per_image = torch.bincount(images, minlength=ids.shape[0])
+    assert int(per_image.max()) <= max_samples and per_image[4] == 0
+    for label in labels.unique():  # one label, one instance of one image
+        assert flat[images, indices][labels == label].unique().numel() == 1
+        assert images[labels == label].unique().numel() == 1
+    expected = _per_image_supcon(embeddings, images, indices, labels, 0.2)
+    (expected_grad,) = torch.autograd.grad(expected, embeddings)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)
+
+
 class _MaxNumelMode(TorchDispatchMode):
     """Records the largest tensor any aten op produces and the shapes of matrix products."""
 
@@ -326,8 +433,8 @@ def test_no_all_pixels_matrix_at_128():
         )
         loss.backward()
     assert mode.mm_shapes and all(max(shape) <= cap for shape in mode.mm_shapes)
-    # Nothing bigger than the inputs or the S x S matrix: far below (h*w)^2 = 2.7e8.
-    assert mode.max_numel <= max(embeddings.numel(), cap * cap)
+    # Nothing bigger than the inputs or the B x S x S matrices: far below (h*w)^2 = 2.7e8.
+    assert mode.max_numel <= max(embeddings.numel(), b * cap * cap)
 
 
 def test_contrastive_loss_bad_inputs_raise():

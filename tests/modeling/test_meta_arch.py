@@ -140,6 +140,29 @@ def test_embedding_loss_off_keeps_embed_head_out_of_the_graph():
     assert all(p.grad is None for p in model.embed_head.parameters())
 
 
+@pytest.mark.parametrize(
+    "overrides, head_runs",
+    [
+        ({}, True),  # spatial embeddings read offsets and seeds
+        ({"MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD": "connected_components"}, False),
+        (
+            {
+                "MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_ON": False,
+                "MODEL.MASK_ATTN_POSTPROCESS.PANOPTIC_ON": False,
+            },
+            False,
+        ),
+    ],
+)
+def test_inference_runs_the_embedding_head_only_when_read(overrides, head_runs):
+    model = build_model(small_cfg(**overrides)).eval()
+    calls = []
+    model.embed_head.register_forward_hook(lambda *args: calls.append(1))
+    outputs = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)}])
+    assert len(calls) == int(head_runs)
+    assert outputs[0]["sem_seg"].shape == (4, 64, 64)
+
+
 def test_bad_inputs_are_rejected_with_clear_errors():
     model = build_model(small_cfg()).eval()
     with pytest.raises(ValueError, match=r"expected an image of shape \(3, H, W\)"):
@@ -150,6 +173,20 @@ def test_bad_inputs_are_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="no 'instance_ids' target"):
         with EventStorage():
             model([{"image": torch.zeros(3, 64, 64), "sem_seg": torch.zeros(64, 64).long()}])
+
+
+def test_targets_off_the_network_size_are_resized_by_pixel_centres():
+    """The one label-map rule: output pixel i samples input pixel floor((i + 0.5) * 2) = 2i + 1
+    when halving (the legacy "nearest" interpolation took 2i)."""
+    model = build_model(small_cfg())
+    target = torch.randint(0, 4, (128, 128), generator=torch.Generator().manual_seed(0))
+    stacked = model._stack_target([{"sem_seg": target}], "sem_seg")
+    assert torch.equal(stacked[0], target[1::2, 1::2])
+
+
+def test_unimplemented_resize_mode_is_rejected():
+    with pytest.raises(ValueError, match="INPUT.RESIZE_MODE 'pad' is not implemented"):
+        build_model(small_cfg(**{"INPUT.RESIZE_MODE": "pad"}))
 
 
 def test_inconsistent_classes_are_rejected():

@@ -14,13 +14,13 @@ from maskattn_d2.modeling.clustering import (
 from maskattn_d2.modeling.postprocessing import (
     MaskAttnPostProcessor,
     _argmax_channels,
-    _label_map_boxes,
     connected_component_instances,
     embedding_instances,
     masks_to_boxes,
     merge_semantic_and_instances,
     resize_label_map,
 )
+from maskattn_d2.structures import label_map_boxes
 
 DEVICES = [
     "cpu",
@@ -287,7 +287,7 @@ def test_cluster_embeddings_recovers_clusters_and_drops_small_ones(device):
 
 
 def test_cluster_embeddings_empty_input():
-    labels, confidence = cluster_embeddings(torch.zeros(0, 4))
+    labels, confidence = cluster_embeddings(torch.zeros(0, 4), similarity_threshold=0.9)
     assert labels.shape == (0,) and confidence.shape == (0,)
 
 
@@ -527,7 +527,7 @@ def test_label_map_boxes_match_masks_to_boxes():
     label_map[label_map == 5] = -1  # label 5 is empty
     labels = torch.tensor([3, 0, 5, 6])
     masks = label_map[None] == labels[:, None, None]
-    assert torch.equal(_label_map_boxes(label_map, labels, 7), masks_to_boxes(masks))
+    assert torch.equal(label_map_boxes(label_map, labels, 7), masks_to_boxes(masks))
 
 
 def test_greedy_suppression_equals_sequential_greedy():

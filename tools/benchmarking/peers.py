@@ -27,7 +27,7 @@ from detectron2.projects.panoptic_deeplab.post_processing import get_panoptic_se
 from detectron2.projects.panoptic_deeplab.target_generator import PanopticDeepLabTargetGenerator
 from torch import nn
 
-from maskattn_d2.modeling.postprocessing import resize_label_map
+from maskattn_d2.structures import resize_label_map
 
 from .runner import Runner, TupleOutputs
 from .scenes import SyntheticScene, images_tensor

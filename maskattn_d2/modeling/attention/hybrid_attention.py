@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...layers import ConvBlock
+
 __all__ = ["ChannelAttention", "SpatialAttention", "HybridAttention", "MultiScaleFusion"]
 
 
@@ -112,14 +114,10 @@ class MultiScaleFusion(nn.Module):
         Args:
             in_channels: channels of each input, finest first.
             out_channels: channels of the fused output.
-            norm: normalisation after the 1x1 conv (see ``backbone.blocks.get_norm_layer``).
-            activation: activation after the norm (see ``backbone.blocks.get_activation``).
+            norm: normalisation after the 1x1 conv (see ``maskattn_d2.layers.get_norm_layer``).
+            activation: activation after the norm (see ``maskattn_d2.layers.get_activation``).
         """
         super().__init__()
-        # Imported here rather than at module level: the backbone package imports this
-        # module, so a top-level import would make the two packages import each other.
-        from ..backbone.blocks import ConvBlock
-
         if len(in_channels) == 0:
             raise ValueError("MultiScaleFusion needs at least one input")
         self.in_channels: List[int] = [int(c) for c in in_channels]

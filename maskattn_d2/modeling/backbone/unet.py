@@ -26,9 +26,14 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from ..attention.hybrid_attention import HybridAttention, MultiScaleFusion
 from ..attention.mask_attention import MaskAttention, key_grid_size
-from .blocks import ConvBlock
+from ...layers import ConvBlock
 
-__all__ = ["UNet", "MaskAttnUNetBackbone", "build_maskattn_unet_backbone"]
+__all__ = [
+    "UNet",
+    "MaskAttnUNetBackbone",
+    "build_maskattn_unet_backbone",
+    "unet_kwargs_from_config",
+]
 
 
 class _UpBlock(nn.Module):
@@ -255,8 +260,10 @@ class UNet(nn.Module):
         d = self.size_divisibility
         if h % d or w % d:
             raise ValueError(f"input size {h}x{w} is not divisible by {d}")
-        if not torch.isfinite(x).all():
-            raise ValueError("non-finite input (NaN or Inf) to UNet")
+        # Metadata only: a finiteness check would cost a pass and a host sync per forward;
+        # training stops on a non-finite loss and MaskAttnUNet.inference checks its images.
+        if not x.is_floating_point():
+            raise ValueError(f"UNet expects a floating-point tensor, got {x.dtype}")
 
 
 @BACKBONE_REGISTRY.register()
@@ -284,32 +291,13 @@ class MaskAttnUNetBackbone(Backbone):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
-        u, m, hy = cfg.MODEL.MASK_ATTN_UNET, cfg.MODEL.MASK_ATTN, cfg.MODEL.HYBRID_ATTN
+        u = cfg.MODEL.MASK_ATTN_UNET
         if input_shape is not None and input_shape.channels not in (None, u.IN_CHANNELS):
             raise ValueError(
                 f"input_shape has {input_shape.channels} channels but "
                 f"MODEL.MASK_ATTN_UNET.IN_CHANNELS is {u.IN_CHANNELS}"
             )
-        unet = UNet(
-            in_channels=u.IN_CHANNELS,
-            channels=tuple(u.CHANNELS),
-            convs_per_stage=u.CONVS_PER_STAGE,
-            norm=u.NORM,
-            activation=u.ACTIVATION,
-            encoder_attention_scales=tuple(m.ENCODER_SCALES),
-            decoder_attention_scales=tuple(m.DECODER_SCALES),
-            num_heads=m.NUM_HEADS,
-            mask_kind=m.MASK_KIND,
-            max_tokens=m.MAX_TOKENS,
-            ffn_ratio=m.FFN_RATIO,
-            dropout=m.DROPOUT,
-            skip_attention=hy.SKIP_ATTENTION,
-            multiscale_fusion=hy.MULTISCALE_FUSION,
-            channel_reduction=hy.CHANNEL_REDUCTION,
-            spatial_kernel=hy.SPATIAL_KERNEL,
-            input_size=tuple(cfg.INPUT.NETWORK_SIZE),
-        )
-        return {"unet": unet, "out_features": list(u.OUT_FEATURES)}
+        return {"unet": UNet(**unet_kwargs_from_config(cfg)), "out_features": list(u.OUT_FEATURES)}
 
     @property
     def size_divisibility(self) -> int:
@@ -339,3 +327,28 @@ class MaskAttnUNetBackbone(Backbone):
 def build_maskattn_unet_backbone(cfg, input_shape: ShapeSpec) -> MaskAttnUNetBackbone:
     """Build :class:`MaskAttnUNetBackbone` from ``cfg.MODEL.MASK_ATTN_UNET`` and friends."""
     return MaskAttnUNetBackbone(cfg, input_shape)
+
+
+def unet_kwargs_from_config(cfg) -> Dict:
+    """:class:`UNet`'s arguments from ``cfg.MODEL.MASK_ATTN_UNET``, ``MASK_ATTN``,
+    ``HYBRID_ATTN`` and ``INPUT.NETWORK_SIZE``."""
+    u, m, hy = cfg.MODEL.MASK_ATTN_UNET, cfg.MODEL.MASK_ATTN, cfg.MODEL.HYBRID_ATTN
+    return {
+        "in_channels": u.IN_CHANNELS,
+        "channels": tuple(u.CHANNELS),
+        "convs_per_stage": u.CONVS_PER_STAGE,
+        "norm": u.NORM,
+        "activation": u.ACTIVATION,
+        "encoder_attention_scales": tuple(m.ENCODER_SCALES),
+        "decoder_attention_scales": tuple(m.DECODER_SCALES),
+        "num_heads": m.NUM_HEADS,
+        "mask_kind": m.MASK_KIND,
+        "max_tokens": m.MAX_TOKENS,
+        "ffn_ratio": m.FFN_RATIO,
+        "dropout": m.DROPOUT,
+        "skip_attention": hy.SKIP_ATTENTION,
+        "multiscale_fusion": hy.MULTISCALE_FUSION,
+        "channel_reduction": hy.CHANNEL_REDUCTION,
+        "spatial_kernel": hy.SPATIAL_KERNEL,
+        "input_size": tuple(cfg.INPUT.NETWORK_SIZE),
+    }

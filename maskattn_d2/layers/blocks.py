@@ -1,4 +1,5 @@
-"""Small convolutional building blocks shared by the UNet backbone and the heads."""
+"""Small convolutional building blocks shared by the UNet backbone, the attention modules and
+the heads."""
 from typing import Optional
 
 from torch import nn
