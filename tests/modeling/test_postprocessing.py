@@ -5,21 +5,18 @@ import torch.nn.functional as F
 from detectron2.structures import BitMasks, Boxes, Instances
 from scipy import ndimage
 
-from maskattn_d2.modeling.clustering import (
-    _greedy_suppression,
-    cluster_embeddings,
-    connected_components,
-    label_map_components,
-)
 from maskattn_d2.modeling.postprocessing import (
     MaskAttnPostProcessor,
-    _argmax_channels,
-    connected_component_instances,
-    embedding_instances,
-    masks_to_boxes,
-    merge_semantic_and_instances,
+    cluster_embeddings,
+    connected_component_instance_map,
+    embedding_instance_map,
+    label_map_components,
+    merge_instance_map,
     resize_label_map,
+    segment_id_map,
 )
+from maskattn_d2.modeling.postprocessing.clustering import _greedy_suppression
+from maskattn_d2.modeling.postprocessing.processor import _argmax_channels
 from maskattn_d2.structures import label_map_boxes
 
 DEVICES = [
@@ -128,7 +125,9 @@ def test_embedding_postprocessor_separates_touching_instances(device, method):
         matched = max(range(len(gts)), key=lambda i: _iou(mask, gts[i]))
         assert category == OBJECTS[matched][0]
     # Boxes are the masks' tight boxes; scores are sorted and in (0, 1].
-    assert torch.equal(instances.pred_boxes.tensor, masks_to_boxes(instances.pred_masks))
+    assert torch.equal(
+        instances.pred_boxes.tensor, BitMasks(instances.pred_masks).get_bounding_boxes().tensor
+    )
     scores = instances.scores
     assert torch.all(scores[:-1] >= scores[1:]) and torch.all((scores > 0.5) & (scores <= 1))
     assert out["sem_seg"].shape == (5, *OUT)
@@ -291,6 +290,11 @@ def test_cluster_embeddings_empty_input():
     assert labels.shape == (0,) and confidence.shape == (0,)
 
 
+def _components(mask, connectivity):
+    """Connected components of a binary mask, as the label-map components of its pixels."""
+    return label_map_components(torch.zeros_like(mask, dtype=torch.long), mask, connectivity)
+
+
 def _same_partition(labels, reference):
     """True if two label maps (0 = background) define the same components."""
     labels, reference = np.asarray(labels), np.asarray(reference)
@@ -304,25 +308,20 @@ def _same_partition(labels, reference):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_connected_components_match_scipy(device, connectivity):
+    """Components of one binary mask (a label map of one value) against scipy's."""
     rng = np.random.RandomState(0)
-    masks = rng.rand(3, 40, 50) < 0.45
-    labels = connected_components(torch.from_numpy(masks).to(device), connectivity).cpu()
     structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
-    offset = 0
-    for c in range(3):
-        reference, n = ndimage.label(masks[c], structure=structure)
-        assert _same_partition(labels[c].numpy(), reference)
-        # Consecutive global numbering, channel-major.
-        assert sorted(np.unique(labels[c][labels[c] > 0].numpy())) == list(
-            range(offset + 1, offset + n + 1)
-        )
-        offset += n
+    for mask in rng.rand(3, 40, 50) < 0.45:
+        labels = _components(torch.from_numpy(mask).to(device), connectivity).cpu().numpy()
+        reference, n = ndimage.label(mask, structure=structure)
+        assert _same_partition(labels, reference)
+        assert sorted(np.unique(labels[labels > 0])) == list(range(1, n + 1))  # consecutive
 
 
 def test_connected_components_diagonal_and_long_spiral():
     diagonal = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)[None]
-    assert connected_components(diagonal, 8).unique().tolist() == [0, 1]
-    assert connected_components(diagonal, 4).unique().tolist() == [0, 1, 2]
+    assert _components(diagonal[0], 8).unique().tolist() == [0, 1]
+    assert _components(diagonal[0], 4).unique().tolist() == [0, 1, 2]
     # A 128 x 128 square spiral: one component with a path of thousands of pixels.
     spiral = np.zeros((128, 128), dtype=bool)
     top, left, bottom, right = 0, 0, 127, 127
@@ -335,10 +334,18 @@ def test_connected_components_diagonal_and_long_spiral():
         if top <= bottom:
             spiral[top - 1, left] = True  # connect to the next ring
     reference, n = ndimage.label(spiral, structure=np.ones((3, 3)))
-    labels = connected_components(torch.from_numpy(spiral)[None], 8)[0]
+    labels = _components(torch.from_numpy(spiral), 8)
     assert _same_partition(labels.numpy(), reference)
-    full = connected_components(torch.ones(1, 5, 5, dtype=torch.bool))
+    full = _components(torch.ones(5, 5, dtype=torch.bool), 8)
     assert torch.all(full == 1)
+
+
+def _merge(sem, instance_map, classes, scores, is_thing, **kwargs):
+    """The production merge, as panoptic ids and segments_info."""
+    segment_map, segments_info, segment_ids = merge_instance_map(
+        sem, instance_map, classes, scores, is_thing, **kwargs
+    )
+    return segment_id_map(segment_map, segment_ids), segments_info
 
 
 def test_merge_paints_in_order_and_applies_area_rules():
@@ -347,14 +354,14 @@ def test_merge_paints_in_order_and_applies_area_rules():
     sem[:5, :6] = 1  # ... thing class 1 top-left (30 px)
     sem[9, 0] = 3  # ... one pixel of stuff class 3
     is_thing = torch.tensor([False, True, False, False])
-    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
-    masks[0, :5, :3] = True  # 15 px
-    masks[1, :5, :5] = True  # overlaps 0: 10 visible px
-    masks[2, :2, 3:6] = True  # 2 visible px (rest taken by 1): dropped
+    instance_map = torch.full((10, 10), -1)
+    instance_map[:5, :3] = 0  # 15 px
+    instance_map[:5, 3:5] = 1  # 10 px
+    instance_map[:2, 5] = 2  # 2 px: dropped
     classes = torch.tensor([1, 1, 1])
     scores = torch.tensor([0.9, 0.8, 0.7])
-    panoptic, segments_info = merge_semantic_and_instances(
-        sem, masks, classes, scores, is_thing, min_instance_area=3, stuff_area=5,
+    panoptic, segments_info = _merge(
+        sem, instance_map, classes, scores, is_thing, min_instance_area=3, stuff_area=5,
         label_divisor=1000,
     )
     by_id = {s["id"]: s for s in segments_info}
@@ -376,14 +383,24 @@ def test_instance_helpers_classes_and_scores():
     probs = logits.softmax(0)
     sem = probs.argmax(0)
     is_thing = torch.tensor([False, True, True, False, False])
-    masks, classes, scores = embedding_instances(sem, probs, embeddings["embeddings"], is_thing)
-    assert masks.shape == (3, *NET) and sorted(classes.tolist()) == [CAR, CAR, PERSON]
+    instance_map, classes, scores = embedding_instance_map(
+        sem, probs, embeddings["embeddings"], is_thing,
+        similarity_threshold=0.9, min_instance_area=8, max_instances=100,
+    )
+    masks = [instance_map.view(NET) == k for k in range(classes.numel())]
+    assert len(masks) == 3 and sorted(classes.tolist()) == [CAR, CAR, PERSON]
     for mask, category, score in zip(masks, classes, scores):
         mean_prob = probs[category][mask].mean()
         assert score <= mean_prob + 1e-6 and score > 0.9 * mean_prob
-    masks, classes, scores = connected_component_instances(sem, probs, is_thing)
+    instance_map, classes, scores = connected_component_instance_map(
+        sem, probs, is_thing, min_instance_area=8, connectivity=8
+    )
+    masks = [instance_map.view(NET) == k for k in range(classes.numel())]
+    # The two touching cars are one component.
+    assert len(masks) == 2 and int((instance_map == -1).sum()) == int((~is_thing[sem]).sum())
     for mask, category, score in zip(masks, classes, scores):
         assert torch.allclose(score, probs[category][mask].mean())
+        assert bool((sem[mask] == category).all())
 
 
 def test_resize_label_map_and_boxes():
@@ -392,12 +409,6 @@ def test_resize_label_map_and_boxes():
     assert torch.equal(up, labels.repeat_interleave(2, 0).repeat_interleave(2, 1))
     assert resize_label_map(up, (3, 4)).tolist() == labels.tolist()
     assert resize_label_map(labels, (3, 4)) is labels
-    masks = torch.zeros(3, 7, 9, dtype=torch.bool)
-    masks[0, 1:4, 2:6] = True
-    masks[1, 6, 8] = True
-    boxes = masks_to_boxes(masks)
-    assert torch.equal(boxes, BitMasks(masks).get_bounding_boxes().tensor)
-    assert boxes[2].tolist() == [0, 0, 0, 0]
 
 
 # --------------------------------------------------------------------------- vectorised pieces
@@ -432,53 +443,36 @@ def _sequential_merge(sem, masks, classes, scores, is_thing, min_instance_area, 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_vectorised_merge_equals_sequential_painting(seed):
-    # Random overlapping rectangles: earlier masks hide later ones, dropped masks free pixels
-    # for later ones (so a mask's fate depends on the drops before it), some masks are empty.
+    # Random disjoint instances (rectangles, each on the pixels earlier ones left free, some
+    # empty or tiny) in painting order, as the instance methods give them.
     g = torch.Generator().manual_seed(seed)
     h, w, num_classes = 24, 20, 6
     is_thing = torch.tensor([False, True, True, False, True, False])
     sem = torch.randint(0, num_classes, (h, w), generator=g)
-    num_masks = int(torch.randint(0, 14, (1,), generator=g))
-    masks = torch.zeros(num_masks, h, w, dtype=torch.bool)
-    for mask in masks:
+    num_instances = int(torch.randint(0, 14, (1,), generator=g))
+    instance_map = torch.full((h, w), -1)
+    for k in range(num_instances):
         r0, c0 = (int(v) for v in torch.randint(0, 16, (2,), generator=g))
         r1, c1 = r0 + int(torch.randint(0, 9, (1,), generator=g)), c0 + int(
             torch.randint(0, 9, (1,), generator=g)
         )
-        mask[r0:r1, c0:c1] = True
-    classes = torch.tensor([1, 2, 4])[torch.randint(0, 3, (num_masks,), generator=g)]
-    scores = torch.rand(num_masks, generator=g)
+        free = instance_map[r0:r1, c0:c1]
+        free[free < 0] = k
+    masks = torch.stack([instance_map == k for k in range(num_instances)]) if num_instances else (
+        torch.zeros(0, h, w, dtype=torch.bool)
+    )
+    classes = torch.tensor([1, 2, 4])[torch.randint(0, 3, (num_instances,), generator=g)]
+    scores = torch.rand(num_instances, generator=g)
     for min_area, stuff_area in [(1, 1), (6, 10), (20, 40), (0, 0)]:
         expected = _sequential_merge(sem, masks, classes, scores, is_thing, min_area, stuff_area,
                                      1000)
-        panoptic, segments_info = merge_semantic_and_instances(
-            sem, masks, classes, scores, is_thing, min_instance_area=min_area,
+        panoptic, segments_info = _merge(
+            sem, instance_map, classes, scores, is_thing, min_instance_area=min_area,
             stuff_area=stuff_area, label_divisor=1000,
         )
         assert panoptic.dtype == torch.int32
         assert torch.equal(panoptic, expected[0])
         assert segments_info == expected[1]
-
-
-def test_vectorised_merge_drop_cascade():
-    # Each mask hides most of the next, so dropping one re-enables the next: the vectorised
-    # painting must resolve the chain in order (kept, dropped, kept, dropped, ...).
-    sem = torch.ones(1, 12, dtype=torch.long)
-    is_thing = torch.tensor([False, True])
-    masks = torch.zeros(5, 1, 12, dtype=torch.bool)
-    masks[0, 0, 0:3] = True  # 3 px: kept
-    masks[1, 0, 0:5] = True  # 2 visible: dropped
-    masks[2, 0, 3:7] = True  # 4 visible (mask 1 dropped): kept
-    masks[3, 0, 0:8] = True  # 1 visible: dropped
-    masks[4, 0, 7:11] = True  # 4 visible: kept
-    classes, scores = torch.ones(5, dtype=torch.long), torch.linspace(0.9, 0.5, 5)
-    panoptic, segments_info = merge_semantic_and_instances(
-        sem, masks, classes, scores, is_thing, min_instance_area=3, stuff_area=1
-    )
-    assert [s["area"] for s in segments_info] == [3, 4, 4]
-    assert panoptic[0].tolist() == [1001] * 3 + [1002] * 4 + [1003] * 4 + [0]
-    expected = _sequential_merge(sem, masks, classes, scores, is_thing, 3, 1, 1000)
-    assert torch.equal(panoptic, expected[0]) and segments_info == expected[1]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -516,18 +510,17 @@ def test_label_map_components_match_scipy_per_value(device, connectivity):
     flat = labels.flatten()
     last = [np.flatnonzero(flat == k).max() for k in range(1, offset + 1)]
     assert last == sorted(last)
-    # The same components as the per-value stack of masks.
-    stack = torch.from_numpy(np.stack([foreground & (label_map == v) for v in range(4)]))
-    assert _same_partition(labels, connected_components(stack, connectivity).sum(0).numpy())
 
 
-def test_label_map_boxes_match_masks_to_boxes():
+def test_label_map_boxes_match_detectron2_bitmask_boxes():
     g = torch.Generator().manual_seed(0)
     label_map = torch.randint(-1, 7, (13, 29), generator=g)
     label_map[label_map == 5] = -1  # label 5 is empty
     labels = torch.tensor([3, 0, 5, 6])
     masks = label_map[None] == labels[:, None, None]
-    assert torch.equal(label_map_boxes(label_map, labels, 7), masks_to_boxes(masks))
+    boxes = label_map_boxes(label_map, labels, 7)
+    assert torch.equal(boxes, BitMasks(masks).get_bounding_boxes().tensor)
+    assert boxes[2].tolist() == [0, 0, 0, 0]  # an empty label
 
 
 def test_greedy_suppression_equals_sequential_greedy():

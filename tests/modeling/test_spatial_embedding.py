@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from maskattn_d2.modeling.clustering import assign_to_seeds, find_seeds
+from maskattn_d2.modeling.postprocessing import assign_to_seeds, find_seeds
 from maskattn_d2.modeling.losses import (
     instance_centres,
     instance_depth,
     spatial_embedding_losses,
 )
-from maskattn_d2.modeling.postprocessing import _spatial_instance_map
+from maskattn_d2.modeling.postprocessing import spatial_instance_map
 
 
 def _random_instances(seed=0, batch=2, size=(12, 15), num=4):
@@ -175,7 +175,7 @@ def test_spatial_instances_split_touching_objects_inside_their_component():
     sem[15:18, 3:8] = 1  # a blob of class 1 without seed
     probs = F.one_hot(sem, 3).permute(2, 0, 1).float()
     head_outputs = {"offsets": offsets, "seed_logits": torch.logit(seed_map)[None]}
-    instance_map, classes, scores = _spatial_instance_map(
+    instance_map, classes, scores = spatial_instance_map(
         sem, probs, head_outputs, torch.tensor([False, True, True]), seed_threshold=0.5,
         seed_min_distance=2.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
     )
@@ -194,7 +194,7 @@ def test_spatial_instances_split_touching_objects_inside_their_component():
     torch.testing.assert_close(scores[labels], torch.tensor([0.9, 0.9, 0.9, 0.01]))
     assert torch.all(instance_map[sem == 0] == -1)
     # The ablation: without the components, the seedless blob joins a seed far away.
-    anywhere, _, _ = _spatial_instance_map(
+    anywhere, _, _ = spatial_instance_map(
         sem, probs, head_outputs, torch.tensor([False, True, True]), seed_threshold=0.5,
         seed_min_distance=2.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
         within_components=False,
@@ -258,7 +258,7 @@ def test_two_seeds_on_one_object_merge_but_touching_objects_stay_apart():
     head_outputs = {"offsets": offsets, "seed_logits": torch.logit(seed_map)[None]}
 
     def instances(merge_ratio):
-        instance_map, _, _ = _spatial_instance_map(
+        instance_map, _, _ = spatial_instance_map(
             sem, probs, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
             seed_min_distance=0.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
             merge_ratio=merge_ratio,
