@@ -43,7 +43,9 @@ def train_net_command(opts, output_dir, *, config="configs/coco_panoptic_128.yam
     absolute)."""
     cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config)]
     if num_gpus > 1:
-        cmd += ["--num-gpus", str(num_gpus)]
+        # A free port: detectron2's default port is fixed per user (49152 for root), so two
+        # multi-process runs on one machine would collide.
+        cmd += ["--num-gpus", str(num_gpus), "--dist-url", "auto"]
     return cmd + [*opts, "OUTPUT_DIR", str(output_dir)]
 
 
