@@ -65,6 +65,9 @@ class ONNXRuntimeModel:
         options.intra_op_num_threads = int(num_threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle intra-op threads would spin after each run and take the cores from the
+        # PyTorch postprocessing that follows it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 onnx_path, options, providers=["CPUExecutionProvider"]

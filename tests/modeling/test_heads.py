@@ -12,6 +12,7 @@ from maskattn_d2.modeling.heads import (
     MaskAttnEmbedHead,
     MaskAttnSemSegHead,
     build_embed_head,
+    coordinate_channels,
 )
 
 SHAPES = {"dec1": ShapeSpec(channels=8, stride=1), "dec2": ShapeSpec(channels=16, stride=2)}
@@ -59,6 +60,24 @@ def test_embed_head_is_unit_norm():
     # Embeddings are not collapsed to one direction at initialisation.
     flat = emb.permute(0, 2, 3, 1).reshape(-1, 6)
     assert (flat @ flat.T).min() < 0.5
+
+
+def test_embed_head_outputs_equal_its_three_predictors_applied_separately():
+    # The head runs its three 1x1 predictors as one conv; each output must be the module's own.
+    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="GN")
+    for layer in (head.offset_predictor, head.seed_predictor):
+        torch.nn.init.normal_(layer.weight)
+        torch.nn.init.normal_(layer.bias)
+    features = _features()
+    outputs = head(features)
+    x = torch.cat([features["dec1"], coordinate_channels(features["dec1"])], dim=1)
+    hidden = head.head.conv(x)
+    embeddings = torch.nn.functional.normalize(head.head.predictor(hidden), dim=1, eps=head.EPS)
+    torch.testing.assert_close(outputs["embeddings"], embeddings)
+    torch.testing.assert_close(outputs["offsets"], head.offset_predictor(hidden))
+    torch.testing.assert_close(outputs["seed_logits"], head.seed_predictor(hidden))
+    no_spatial = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=6, spatial=False)
+    assert set(no_spatial(features)) == {"embeddings"}
 
 
 def test_embed_head_zero_input_is_finite():

@@ -6,7 +6,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from maskattn_d2.modeling.attention.mask_attention import MaskAttention, key_grid_size
+from maskattn_d2.modeling.attention.mask_attention import (
+    MaskAttention,
+    key_gated_attention,
+    key_grid_size,
+)
 from maskattn_d2.modeling.backbone.unet import UNet
 
 
@@ -163,6 +167,57 @@ def test_gate_conv_gets_gradients(kind):
     (y * torch.randn_like(y)).sum().backward()
     grad = module.gate.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["gate", "hard"])
+def test_key_gated_attention_equals_masked_softmax_in_value_and_gradient(kind):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 10, 6, generator=g) for _ in range(3))
+    key_logits = 4 * torch.randn(2, 1, 1, 7, generator=g)
+    k, v = k[:, :, :7], v[:, :, :7]
+    weights = torch.randn(2, 3, 10, 6, generator=g)
+    results = []
+    for gated in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, key_logits)]
+        qq, kk, vv, logits = leaves
+        mask = F.logsigmoid(logits)
+        if kind == "hard":  # as MaskAttention builds it: -inf on closed keys, straight-through
+            mask = torch.zeros_like(mask).masked_fill(logits < 0, float("-inf")) + (
+                mask - mask.detach()
+            )
+        if gated:
+            out = key_gated_attention(qq, kk, vv, mask)
+        else:
+            scores = qq @ kk.transpose(-2, -1) / 6**0.5 + mask
+            out = scores.softmax(dim=-1) @ vv
+        (out * weights).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_module_trains_through_key_gated_attention_like_masked_attention(monkeypatch):
+    # Training (mask needs a gradient, CPU) takes the gated path; its output equals that of
+    # the masked path the module takes without gradients.
+    from maskattn_d2.modeling.attention import mask_attention
+
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return key_gated_attention(*args)
+
+    monkeypatch.setattr(mask_attention, "key_gated_attention", spy)
+    torch.manual_seed(4)
+    module = _randomise(MaskAttention(8, num_heads=2, mask_kind="gate", max_tokens=16)).train()
+    x = torch.randn(2, 8, 6, 6)
+    y, _ = module(x)
+    with torch.no_grad():
+        expected, _ = module(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+    (y * torch.randn_like(y)).sum().backward()
+    assert module.gate.weight.grad.abs().sum() > 0
 
 
 def test_gate_logits_pooled_for_reduced_keys():

@@ -16,7 +16,7 @@ from maskattn_d2.modeling.postprocessing import (
     segment_id_map,
 )
 from maskattn_d2.modeling.postprocessing.clustering import _greedy_suppression
-from maskattn_d2.modeling.postprocessing.processor import _argmax_channels
+from maskattn_d2.layers import argmax_channels
 from maskattn_d2.structures import label_map_boxes
 
 DEVICES = [
@@ -482,9 +482,11 @@ def test_argmax_channels_equals_argmax_with_ties(device, num_classes):
     scores = torch.randint(0, 4, (num_classes, 17, 23), generator=g).float()  # many ties
     scores[:, 0, 0] = 1.0  # all channels tie: the first wins
     scores = scores.to(device)
-    assert torch.equal(_argmax_channels(scores), scores.argmax(dim=0))
+    assert torch.equal(argmax_channels(scores), scores.argmax(dim=0))
     probs = torch.randn(num_classes, 9, 11, generator=g).softmax(0).to(device)
-    assert torch.equal(_argmax_channels(probs), probs.argmax(dim=0))
+    assert torch.equal(argmax_channels(probs), probs.argmax(dim=0))
+    batched = torch.randint(0, 3, (2, num_classes, 5, 7), generator=g).float().to(device)
+    assert torch.equal(argmax_channels(batched, dim=1), batched.argmax(dim=1))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
+from ...layers import argmax_channels
 from ...structures.label_maps import label_map_boxes, resize_label_map
 from .instances import (
     INSTANCE_METHODS,
@@ -25,33 +26,6 @@ from .merge import merge_instance_map, segment_id_map
 from .upsample import upsample_segment_map
 
 __all__ = ["MaskAttnPostProcessor"]
-
-
-def _argmax_channels(scores: torch.Tensor) -> torch.Tensor:
-    """
-    ``scores.argmax(dim=0)`` of a (K, h, w) tensor (the first maximal channel), computed as the
-    largest reversed channel index among the channels equal to the maximum: on CPU ``argmax``
-    over a leading dimension is not vectorised (3-10x slower than this). A pixel whose scores
-    are NaN gets channel K - 1. Other devices use ``argmax``.
-
-    Returns:
-        (h, w) int64.
-    """
-    if scores.device.type != "cpu":
-        return scores.argmax(dim=0)
-    num_channels = scores.shape[0]
-    best = scores.amax(dim=0, keepdim=True)
-    # The narrowest integer type that holds the channel count keeps the product cheap.
-    if num_channels < 2**8:
-        dtype = torch.uint8
-    elif num_channels < 2**15:
-        dtype = torch.int16
-    else:
-        dtype = torch.int32
-    reversed_index = torch.arange(num_channels, 0, -1, device=scores.device).to(dtype)
-    # >= is the same test as == here (nothing exceeds the max) and cheaper on CPU.
-    first = num_channels - ((scores >= best) * reversed_index.view(-1, 1, 1)).amax(dim=0).long()
-    return first.clamp_(max=num_channels - 1)
 
 
 class MaskAttnPostProcessor:
@@ -284,7 +258,7 @@ class MaskAttnPostProcessor:
                 )[0]
         if not (instance_on or panoptic_on):
             return results
-        sem = _argmax_channels(probs)
+        sem = argmax_channels(probs)
         is_thing = self._is_thing(sem.device)
         instance_map, classes, scores = self._ranked_instance_map(
             sem, probs, head_outputs, is_thing

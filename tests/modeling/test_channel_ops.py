@@ -1,0 +1,28 @@
+"""Tests of the channel reductions of maskattn_d2.layers against torch's own."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskattn_d2.layers import argmax_channels, l2_normalize_channels
+
+
+@pytest.mark.parametrize("dim", [0, 1, -3])
+def test_argmax_channels_picks_the_first_maximum_like_torch(dim):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (4, 5, 6, 7), generator=g).float()  # many ties
+    assert torch.equal(argmax_channels(scores, dim=dim), scores.argmax(dim=dim))
+
+
+def test_l2_normalize_channels_equals_f_normalize_in_value_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 5, 4, generator=g)
+    x[0, :, 0, 0] = 0.0  # a zero vector: both divide by eps
+    x[1, :, 0, 0] = 1e-9
+    weights = torch.randn(3, 8, 5, 4, generator=g)
+    ours, reference = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = l2_normalize_channels(ours, 1e-6)
+    expected = F.normalize(reference, dim=1, eps=1e-6)
+    torch.testing.assert_close(out, expected)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, reference.grad)
