@@ -64,9 +64,15 @@ def test_benchmark_smoke_run_writes_table_json_and_plot(benchmark, tmp_path):
     assert "| unet_128 | cpu | torch |" in table
     row = next(line for line in table.splitlines() if line.startswith("| unet_128"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    numbers = [float(c.replace(",", "")) for c in cells[3:-1]]
-    # The table shows the JSON's numbers, each in its own column, rounded.
+    # The achieved rate: 2 flops per multiply-add over the network time, and its share of
+    # the GEMM peak measured in the same worker.
     latency, memory = unet["latency"]["1"], unet["peak_memory_mb"]
+    rate = 2 * unet["gflops"] / (latency["network_ms"] / 1000)
+    peak = unet["gemm_peak_gflop_s"]
+    assert peak > 0
+    assert cells[7] == f"{rate:,.1f} ({100 * rate / peak:.0f} %)"
+    numbers = [float(c.replace(",", "")) for c in cells[3:7] + cells[8:-1]]
+    # The table shows the JSON's numbers, each in its own column, rounded.
     expected = [
         (unet["params_m"], 2), (unet["gflops"], 2),
         (latency["network_ms"], 1), (latency["postprocess_ms"], 1), (memory["1"], 1),

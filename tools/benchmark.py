@@ -24,6 +24,9 @@ Measured for each model and device, every model in a fresh subprocess, at ``--si
 - parameters; GFLOPs of the network for one image (fvcore ``FlopCountAnalysis``, one
   multiply-add = one flop, ``aten::scaled_dot_product_attention`` and ``aten::baddbmm``
   counted by handles added here; the ops fvcore still skips are listed in the JSON);
+- the network's achieved GFLOP/s at each batch size (2 flops per multiply-add) against the
+  device's peak as the worker process reaches it: the best rate of a large ``torch.mm``
+  with the same threads (fp32; on CUDA the autocast dtype);
 - latency (median over ``--iters`` runs after ``--warmup`` runs, milliseconds per batch) of
   the network forward and, separately, of the post-processing of the batch's images
   (MaskAttn: ``model.postprocessor`` per image; Panoptic-DeepLab: its
@@ -224,6 +227,25 @@ def count_flops(runner, inputs: torch.Tensor) -> Tuple[float, Dict[str, int]]:
     return total, dict(analysis.unsupported_ops())
 
 
+def gemm_peak_gflop_s(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The device's peak as this process reaches it: GFLOP/s (2 flops per multiply-add) of
+    the best of 10 large ``torch.mm`` calls with the current threads. A network's achieved
+    rate is compared with it (the vendor's nominal peak assumes every core issues FMAs on
+    every cycle, which no library reaches)."""
+    n = 2048 if device.type == "cuda" else 1024
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
+    times = time_calls(lambda: torch.mm(a, b), iters=10, warmup=2, device=device)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def achieved_gflop_s(gmacs_per_image: Optional[float], batch: int, network_ms: float):
+    """GFLOP/s of a network forward: 2 flops per multiply-add (fvcore counts multiply-adds)."""
+    if gmacs_per_image is None or not network_ms:
+        return None
+    return 2 * gmacs_per_image * batch / (network_ms / 1000)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -328,6 +350,10 @@ def measure(runner, args, device: torch.device) -> Dict:
             flops, skipped = count_flops(runner, runner.prepare(scenes[:1]))
         result["gflops"] = flops / 1e9
         result["flops_skipped_ops"] = skipped
+        dtype = torch.float32
+        if device.type == "cuda" and (args.amp or args.bf16):
+            dtype = torch.bfloat16 if args.bf16 else torch.float16
+        result["gemm_peak_gflop_s"] = gemm_peak_gflop_s(device, dtype)
     return result
 
 
@@ -493,6 +519,7 @@ def format_table(results: Sequence[Dict], batch_sizes: Sequence[int]) -> str:
     header = ["Model", "Device", "Backend", "Params (M)", "GFLOPs"]
     for b in batches:
         header += [f"Net b{b} (ms)", f"Post b{b} (ms)"]
+    header += [f"GFLOP/s b{b} (% of peak)" for b in batches]
     header += [f"Peak mem b{b} (MB)" for b in batches]
     header += ["Train (img/s)", "Train peak mem (MB)", "Status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
@@ -503,6 +530,13 @@ def format_table(results: Sequence[Dict], batch_sizes: Sequence[int]) -> str:
         for b in batches:
             lat = r.get("latency", {}).get(b, {})
             row += [_fmt(lat.get("network_ms")), _fmt(lat.get("postprocess_ms"))]
+        for b in batches:
+            rate = achieved_gflop_s(
+                r.get("gflops"), int(b), r.get("latency", {}).get(b, {}).get("network_ms")
+            )
+            peak = r.get("gemm_peak_gflop_s")
+            row.append("-" if rate is None else f"{rate:,.1f}"
+                       + (f" ({100 * rate / peak:.0f} %)" if peak else ""))
         row += [_fmt(r.get("peak_memory_mb", {}).get(b)) for b in batches]
         row += [
             _fmt(r.get("train", {}).get("images_per_s"), 2),
@@ -599,9 +633,15 @@ def write_report(results: Sequence[Dict], env: Dict, args) -> str:
             "",
             table,
             "",
-            "Latencies are per batch. GFLOPs: fvcore, per image, 1 multiply-add = 1 flop. Peak "
-            "memory: above the built model (CPU: peak RSS, fresh process; CUDA: allocator). "
-            "Random weights; normalisation excluded from the timings.",
+            "Latencies are per batch. GFLOPs: fvcore, per image, 1 multiply-add = 1 flop. "
+            "GFLOP/s: the network's achieved rate, 2 flops per multiply-add, and its share of "
+            "the device's peak as this process reaches it (best large fp32 GEMM, "
+            + ", ".join(
+                f"{r['name']} ({r.get('backend', 'torch')}): {r['gemm_peak_gflop_s']:,.0f}"
+                for r in results if r.get("gemm_peak_gflop_s")
+            )
+            + " GFLOP/s). Peak memory: above the built model (CPU: peak RSS, fresh process; "
+            "CUDA: allocator). Random weights; normalisation excluded from the timings.",
         ]
         + (["", "Ops fvcore did not count (no FLOP handle):", *skipped] if skipped else [])
     )
