@@ -3,7 +3,7 @@ torch's own ``argmax`` and ``F.normalize`` reduce over a non-innermost dimension
 strided loop there (10x slower than the elementwise forms below at (8, 6, 128, 128))."""
 import torch
 
-__all__ = ["argmax_channels", "l2_normalize_channels"]
+__all__ = ["argmax_channels", "l2_normalize_channels", "softmax_channels"]
 
 
 def argmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -40,3 +40,13 @@ def l2_normalize_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
     as ``x * rsqrt(max(||x||^2, eps^2))`` (same values, gradient within float rounding)."""
     squared_norm = (x * x).sum(dim=1, keepdim=True)
     return x * torch.rsqrt(squared_norm.clamp(min=eps * eps))
+
+
+def softmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``scores.softmax(dim)`` as ``exp(x - max) / sum`` with reductions over ``dim``: on CPU
+    1.4x faster than torch's strided softmax over a leading dimension (133 x 128 x 128);
+    equal within float rounding. Other devices use ``softmax``."""
+    if scores.device.type != "cpu":
+        return scores.softmax(dim=dim)
+    exp = (scores - scores.amax(dim=dim, keepdim=True)).exp_()
+    return exp.div_(exp.sum(dim=dim, keepdim=True))

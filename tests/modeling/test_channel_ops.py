@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskattn_d2.layers import argmax_channels, l2_normalize_channels
+from maskattn_d2.layers import argmax_channels, l2_normalize_channels, softmax_channels
 
 
 @pytest.mark.parametrize("dim", [0, 1, -3])
@@ -26,3 +26,11 @@ def test_l2_normalize_channels_equals_f_normalize_in_value_and_gradient():
     (out * weights).sum().backward()
     (expected * weights).sum().backward()
     torch.testing.assert_close(ours.grad, reference.grad)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_softmax_channels_equals_softmax(dim):
+    g = torch.Generator().manual_seed(1)
+    scores = 20 * torch.randn(7, 5, 6, generator=g)
+    scores[:, 0, 0] = 1e4  # large equal logits: no overflow
+    torch.testing.assert_close(softmax_channels(scores, dim=dim), scores.softmax(dim=dim))

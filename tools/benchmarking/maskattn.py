@@ -58,8 +58,7 @@ class MaskAttnRunner(Runner):
         return self.model.preprocess_image(self._image_inputs(scenes))
 
     def network(self, inputs: torch.Tensor):
-        features = self.model.backbone(inputs)
-        return self.model.sem_seg_head(features), self.model.embed_head(features)
+        return self.model.run_network(inputs)
 
     def postprocess(self, outputs, image_size: Tuple[int, int]):
         model = self.model

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from ...layers import argmax_channels
+from ...layers import argmax_channels, softmax_channels
 from ...structures.label_maps import label_map_boxes, resize_label_map
 from .instances import (
     INSTANCE_METHODS,
@@ -247,7 +247,7 @@ class MaskAttnPostProcessor:
         """
         self._check_inputs(sem_logits, head_outputs, output_size, instance_on or panoptic_on)
         output_size = (int(output_size[0]), int(output_size[1]))
-        probs = F.softmax(sem_logits.float(), dim=0)
+        probs = softmax_channels(sem_logits.float(), dim=0)
         results = {}
         if semantic_on:
             if output_size == tuple(probs.shape[1:]):
