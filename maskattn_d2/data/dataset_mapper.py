@@ -1,8 +1,8 @@
 """Dataset mapper: detectron2 panoptic dicts -> network-size image and training targets."""
-import copy
 import logging
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 from detectron2.config import configurable
@@ -37,7 +37,9 @@ class MaskAttnPanopticMapper:
 
     Steps:
 
-    1. Deep-copy the dict (the dataset's copy is never modified).
+    1. Copy the dict and its "segments_info" entries, so the dataset's copy is never
+       modified (the mapper only adds keys; the other values are shared: a deep copy of a
+       dict with a few dozen segments takes ~0.3 ms, a tenth of mapping a small image).
     2. Read the image in ``image_format`` and the panoptic PNG; a missing or corrupt file
        raises an error naming it. Check the image and PNG sizes agree and the segments'
        category ids are known.
@@ -130,7 +132,9 @@ class MaskAttnPanopticMapper:
         Returns:
             dict: see the class docstring.
         """
-        dataset_dict = copy.deepcopy(dataset_dict)
+        dataset_dict = dict(dataset_dict)
+        if "segments_info" in dataset_dict:
+            dataset_dict["segments_info"] = [dict(s) for s in dataset_dict["segments_info"]]
         image_file = dataset_dict["file_name"]
         image = read_image_checked(image_file, self.image_format)
         height = int(dataset_dict.get("height", image.shape[0]))
@@ -158,7 +162,7 @@ class MaskAttnPanopticMapper:
         aug_input = self._augment(T.AugInput(image, sem_seg=pan_rgb))
         image, pan_rgb = aug_input.image, aug_input.sem_seg
 
-        pan_ids = rgb2id(np.ascontiguousarray(pan_rgb))
+        pan_ids = _rgb_to_segment_ids(pan_rgb)
         self._warn_unlisted_ids(pan_ids, segments_info, pan_file)
         sem_seg, instance_ids = panoptic_to_targets(
             pan_ids,
@@ -193,6 +197,18 @@ class MaskAttnPanopticMapper:
                 f"{pan_file}: segment ids {unlisted} are not in segments_info; their pixels "
                 "are treated as void."
             )
+
+
+def _rgb_to_segment_ids(pan_rgb: np.ndarray) -> np.ndarray:
+    """panopticapi's ``rgb2id`` (id = R + 256 G + 256^2 B, int32) of the augmented PNG.
+
+    An (H, W, 3) uint8 map gets a fourth byte and is read as little-endian 32-bit words with
+    that byte masked off: one pass over contiguous memory instead of three strided ones.
+    """
+    if pan_rgb.dtype != np.uint8 or pan_rgb.ndim != 3 or pan_rgb.shape[2] != 3:
+        return rgb2id(pan_rgb)
+    rgba = cv2.cvtColor(np.ascontiguousarray(pan_rgb), cv2.COLOR_RGB2RGBA)
+    return (rgba.view("<u4")[:, :, 0] & 0xFFFFFF).astype(np.int32)
 
 
 def _image_tensor(image: np.ndarray) -> torch.Tensor:

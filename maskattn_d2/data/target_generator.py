@@ -1,8 +1,10 @@
 """Training targets from a panoptic annotation: a semantic map and an instance-id map.
 
 Pure numpy functions (no config, no I/O). Every pixel is labelled through a lookup table over
-the unique segment ids of the panoptic map, so the cost is one ``np.unique`` per image and no
-Python loop over pixels.
+the segments of ``segments_info``: each pixel finds its segment in a table indexed by id (ids
+up to 2^16) or by a binary search in the few sorted segment ids (COCO's RGB-coded ids), both
+cheaper than ``np.unique`` over the pixels (a sort of the whole map); no Python loop over
+pixels.
 """
 from typing import Iterable, Mapping, Sequence, Tuple
 
@@ -23,15 +25,29 @@ def _segment_table(segments_info: Sequence[Mapping]) -> Tuple[np.ndarray, np.nda
     return ids, categories, crowd
 
 
-def _match_segments(unique_ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
-    """For each id in ``unique_ids``, its index in ``segment_ids`` or -1 when absent."""
-    if len(segment_ids) == 0:
-        return np.full(len(unique_ids), -1, dtype=np.int64)
-    order = np.argsort(segment_ids)
-    sorted_ids = segment_ids[order]
-    pos = np.clip(np.searchsorted(sorted_ids, unique_ids), 0, len(sorted_ids) - 1)
-    found = sorted_ids[pos] == unique_ids
-    return np.where(found, order[pos], -1)
+# Largest segment id for which pixels are looked up in a dense table indexed by id (a few
+# hundred KiB at most); COCO-style ids (the RGB code, up to 2^24) are searched instead.
+_DENSE_TABLE_MAX_ID = 1 << 16
+
+
+def _segment_index(pan_ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """Per pixel of ``pan_ids`` (flattened), the index of its id in ``segment_ids``, or
+    ``len(segment_ids)`` (the void slot) for 0 and ids that ``segment_ids`` does not list."""
+    flat = pan_ids.reshape(-1)
+    num_segments = len(segment_ids)
+    max_id = int(segment_ids.max()) if num_segments else 0
+    if max_id <= _DENSE_TABLE_MAX_ID:
+        # table[id] = segment index; ids above max_id (and below 0) land on the void entry.
+        table = np.full(max_id + 2, num_segments, dtype=np.int64)
+        table[segment_ids] = np.arange(num_segments)
+        return table[np.clip(flat, 0, max_id + 1)]
+    flat = flat.astype(np.int64, copy=False)
+    order = np.argsort(segment_ids, kind="stable")
+    # One entry past the ids catches pixels above the largest id; it maps to the void slot.
+    sorted_ids = np.append(segment_ids[order], 0)
+    index = np.append(order, num_segments)
+    pos = np.searchsorted(sorted_ids[:num_segments], flat)
+    return np.where(sorted_ids[pos] == flat, index[pos], num_segments)
 
 
 def _check_pan_ids(pan_ids: np.ndarray) -> None:
@@ -61,11 +77,9 @@ def panoptic_to_semantic(
     """
     _check_pan_ids(pan_ids)
     seg_ids, categories, _ = _segment_table(segments_info)
-    unique_ids, inverse = np.unique(pan_ids, return_inverse=True)
-    index = _match_segments(unique_ids.astype(np.int64), seg_ids)
-    lut = np.full(len(unique_ids), ignore_label, dtype=np.int64)
-    lut[index >= 0] = categories[index[index >= 0]]
-    return lut[inverse.reshape(-1)].reshape(pan_ids.shape)
+    index = _segment_index(pan_ids, seg_ids)
+    sem_lut = np.append(categories, ignore_label)  # the last entry is the void slot
+    return sem_lut[index].reshape(pan_ids.shape)
 
 
 def panoptic_to_targets(
@@ -97,29 +111,16 @@ def panoptic_to_targets(
     if min_instance_pixels < 0:
         raise ValueError(f"min_instance_pixels must be >= 0, got {min_instance_pixels}")
     seg_ids, categories, crowd = _segment_table(segments_info)
-    is_thing = np.isin(categories, np.asarray(list(thing_ids), dtype=np.int64))
+    thing_set = {int(i) for i in thing_ids}
+    is_thing = np.array([int(c) in thing_set for c in categories], dtype=bool)
 
-    unique_ids, inverse = np.unique(pan_ids, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    counts = np.bincount(inverse, minlength=len(unique_ids))
-    index = _match_segments(unique_ids.astype(np.int64), seg_ids)
-    known = index >= 0
-
-    sem_lut = np.full(len(unique_ids), ignore_label, dtype=np.int64)
-    sem_lut[known] = categories[index[known]]
-
-    # index -1 (unknown id) picks an appended "not a usable thing" entry.
-    usable = (
-        np.append(is_thing, False)[index]
-        & ~np.append(crowd, True)[index]
-        & (counts >= max(min_instance_pixels, 1))
-    )
-    inst_lut = np.zeros(len(unique_ids), dtype=np.int64)
-    usable_pos = np.flatnonzero(usable)
-    # Number instances 1..n in segments_info order, independent of the id values.
-    inst_lut[usable_pos[np.argsort(index[usable_pos], kind="stable")]] = np.arange(
-        1, len(usable_pos) + 1
-    )
+    index = _segment_index(pan_ids, seg_ids)
+    num_segments = len(seg_ids)
+    counts = np.bincount(index, minlength=num_segments + 1)[:num_segments]
+    usable = is_thing & ~crowd & (counts >= max(min_instance_pixels, 1))
+    # Instances 1..n in segments_info order; the last entry of each table is the void slot.
+    inst_lut = np.zeros(num_segments + 1, dtype=np.int64)
+    inst_lut[:num_segments][usable] = np.arange(1, int(usable.sum()) + 1)
+    sem_lut = np.append(categories, ignore_label)
     shape = pan_ids.shape
-    return sem_lut[inverse].reshape(shape), inst_lut[inverse].reshape(shape)
-
+    return sem_lut[index].reshape(shape), inst_lut[index].reshape(shape)

@@ -4,10 +4,16 @@ The dataset loaders run the cheap checks (files exist, category ids are known) o
 the mapper reads through ``read_image_checked``/``read_panoptic_png`` so that a corrupt or
 missing file fails with its name instead of a bare PIL error deep inside a data-loader worker;
 ``check_panoptic_dataset(..., read_files=True)`` decodes every file once, for a full audit.
+
+Plain 8-bit RGB / RGBA PNGs are decoded by OpenCV (about twice as fast as PIL on the small
+files of a low-resolution copy; PNG is lossless, so the pixels are the same); everything else
+(JPEG, other PNG types, EXIF, files OpenCV cannot read) goes through PIL as in detectron2.
 """
+import io
 import os
 from typing import List, Mapping, Optional, Sequence, Union
 
+import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
@@ -47,12 +53,49 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return image
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_RGB, _PNG_RGBA = 2, 6  # IHDR colour types
+
+
+def _decode_plain_png(data: bytes, *, exif_matters: bool) -> Optional[np.ndarray]:
+    """(H, W, 3) uint8 RGB of ``data`` if it is an 8-bit RGB or RGBA PNG (alpha dropped, as
+    PIL's ``convert("RGB")`` does), decoded by OpenCV; None for anything else, which the
+    caller reads with PIL: other formats, colour types or bit depths, more pixels than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL warns or refuses), an ``eXIf`` chunk when
+    ``exif_matters`` (detectron2 applies the EXIF orientation through PIL; the bytes are
+    searched anywhere, a false hit only costs the slower path), or data OpenCV cannot decode
+    (truncated or corrupt: PIL then raises its error)."""
+    # Signature, then IHDR (always the first chunk): width, height, bit depth, colour type.
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    if data[24] != 8 or data[25] not in (_PNG_RGB, _PNG_RGBA):
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        return None
+    if exif_matters and b"eXIf" in data:
+        return None
+    # IMREAD_UNCHANGED: no EXIF rotation and no colour conversion, the stored samples.
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if (
+        decoded is None
+        or decoded.dtype != np.uint8
+        or decoded.shape[:2] != (height, width)
+        or decoded.ndim != 3
+        or decoded.shape[2] not in (3, 4)
+    ):
+        return None
+    to_rgb = cv2.COLOR_BGR2RGB if decoded.shape[2] == 3 else cv2.COLOR_BGRA2RGB
+    return cv2.cvtColor(decoded, to_rgb)
+
+
 def read_image_checked(file_name: str, image_format: Optional[str] = None) -> np.ndarray:
     """detectron2's ``read_image`` with errors that name the file and 16-bit images scaled.
 
     Grayscale, palette, RGBA (alpha dropped) and CMYK images are converted to ``image_format``
     by PIL as in detectron2; 16-bit grayscale images are scaled to 8 bits first (PIL would clip
-    them). The EXIF orientation is applied, as detectron2 does.
+    them). The EXIF orientation is applied, as detectron2 does. 8-bit RGB / RGBA PNGs without
+    EXIF, read as "RGB" or "BGR", are decoded by OpenCV instead (the same pixels, faster).
 
     Returns:
         (H, W, C) uint8 image in ``image_format`` ("RGB", "BGR", "L", ...); with None, the
@@ -66,8 +109,14 @@ def read_image_checked(file_name: str, image_format: Optional[str] = None) -> np
     """
     if not os.path.isfile(file_name):
         raise FileNotFoundError(f"Image file not found: {file_name}")
+    with open(file_name, "rb") as f:
+        data = f.read()
+    if image_format in ("RGB", "BGR"):
+        rgb = _decode_plain_png(data, exif_matters=True)
+        if rgb is not None:
+            return rgb if image_format == "RGB" else np.ascontiguousarray(rgb[:, :, ::-1])
     try:
-        with Image.open(file_name) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image = _to_8_bit(_apply_exif_orientation(image))
             return convert_PIL_to_numpy(image, image_format)
     except Image.DecompressionBombError as e:
@@ -119,8 +168,13 @@ def read_panoptic_png(file_name: str) -> np.ndarray:
     """
     if not os.path.isfile(file_name):
         raise FileNotFoundError(f"Panoptic annotation PNG not found: {file_name}")
+    with open(file_name, "rb") as f:
+        data = f.read()
+    rgb = _decode_plain_png(data, exif_matters=False)  # the ids are read as stored
+    if rgb is not None:
+        return rgb
     try:
-        img = Image.open(file_name)
+        img = Image.open(io.BytesIO(data))
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"Cannot decode panoptic PNG {file_name}: {e}") from e
     with img:
