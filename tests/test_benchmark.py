@@ -65,11 +65,11 @@ def test_benchmark_smoke_run_writes_table_json_and_plot(benchmark, tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| unet_128"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # The achieved rate: 2 flops per multiply-add over the network time, and its share of
-    # the GEMM peak measured in the same worker.
+    # the best GEMM rate of the run.
     latency, memory = unet["latency"]["1"], unet["peak_memory_mb"]
     rate = 2 * unet["gflops"] / (latency["network_ms"] / 1000)
-    peak = unet["gemm_peak_gflop_s"]
-    assert peak > 0
+    peak = max(quick["gemm_peak_gflop_s"], unet["gemm_peak_gflop_s"])  # the run's best
+    assert min(quick["gemm_peak_gflop_s"], unet["gemm_peak_gflop_s"]) > 0
     assert cells[7] == f"{rate:,.1f} ({100 * rate / peak:.0f} %)"
     numbers = [float(c.replace(",", "")) for c in cells[3:7] + cells[8:-1]]
     # The table shows the JSON's numbers, each in its own column, rounded.
