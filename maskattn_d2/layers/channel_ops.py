@@ -2,6 +2,7 @@
 torch's own ``argmax`` and ``F.normalize`` reduce over a non-innermost dimension with a
 strided loop there (10x slower than the elementwise forms below at (8, 6, 128, 128))."""
 import torch
+import torch.nn.functional as F
 
 __all__ = ["argmax_channels", "l2_normalize_channels", "softmax_channels"]
 
@@ -37,7 +38,11 @@ def argmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def l2_normalize_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``F.normalize(x, dim=1, eps=eps)`` of a (B, C, ...) tensor: ``x / max(||x||, eps)``,
-    as ``x * rsqrt(max(||x||^2, eps^2))`` (same values, gradient within float rounding)."""
+    on CPU in float32 as ``x * rsqrt(max(||x||^2, eps^2))`` (same values, gradient within
+    float rounding). Other devices and dtypes use ``F.normalize``: in half precision the
+    squares would overflow (|x| > 256) and eps^2 underflow to zero."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.normalize(x, dim=1, eps=eps)
     squared_norm = (x * x).sum(dim=1, keepdim=True)
     return x * torch.rsqrt(squared_norm.clamp(min=eps * eps))
 

@@ -34,3 +34,13 @@ def test_softmax_channels_equals_softmax(dim):
     scores = 20 * torch.randn(7, 5, 6, generator=g)
     scores[:, 0, 0] = 1e4  # large equal logits: no overflow
     torch.testing.assert_close(softmax_channels(scores, dim=dim), scores.softmax(dim=dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_l2_normalize_channels_in_half_precision_stays_finite(dtype):
+    # Squares of half-precision values above 256 overflow and eps^2 underflows to zero.
+    x = torch.tensor([[[[300.0]], [[400.0]]], [[[0.0]], [[0.0]]]], dtype=dtype)
+    out = l2_normalize_channels(x, 1e-6)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out, F.normalize(x, dim=1, eps=1e-6))
+    torch.testing.assert_close(out[0].float().flatten(), torch.tensor([0.6, 0.8]), atol=1e-2, rtol=0)
