@@ -174,35 +174,29 @@ def panoptic_deeplab_config(
         resnets.RES2_OUT_CHANNELS = 64
 
     sem = cfg.MODEL.SEM_SEG_HEAD
+    ins = cfg.MODEL.INS_EMBED_HEAD
+    for head in (sem, ins):  # the decoder settings both heads share
+        head.IN_FEATURES = ["res2", "res3", "res5"]
+        head.PROJECT_FEATURES = ["res2", "res3"]
+        head.PROJECT_CHANNELS = [32, 64]
+        head.ASPP_CHANNELS = 256
+        head.ASPP_DILATIONS = [6, 12, 18]
+        head.ASPP_DROPOUT = 0.1
+        head.COMMON_STRIDE = 4
+        head.NORM = norm
+
     sem.NAME = "PanopticDeepLabSemSegHead"
-    sem.IN_FEATURES = ["res2", "res3", "res5"]
-    sem.PROJECT_FEATURES = ["res2", "res3"]
-    sem.PROJECT_CHANNELS = [32, 64]
-    sem.ASPP_CHANNELS = 256
-    sem.ASPP_DILATIONS = [6, 12, 18]
-    sem.ASPP_DROPOUT = 0.1
     sem.HEAD_CHANNELS = 256
     sem.CONVS_DIM = 256
-    sem.COMMON_STRIDE = 4
     sem.NUM_CLASSES = num_classes
     sem.IGNORE_VALUE = 255
     sem.LOSS_TYPE = "hard_pixel_mining"
     sem.LOSS_TOP_K = 0.2
     sem.LOSS_WEIGHT = 1.0
-    sem.NORM = norm
 
-    ins = cfg.MODEL.INS_EMBED_HEAD
     ins.NAME = "PanopticDeepLabInsEmbedHead"
-    ins.IN_FEATURES = ["res2", "res3", "res5"]
-    ins.PROJECT_FEATURES = ["res2", "res3"]
-    ins.PROJECT_CHANNELS = [32, 64]
-    ins.ASPP_CHANNELS = 256
-    ins.ASPP_DILATIONS = [6, 12, 18]
-    ins.ASPP_DROPOUT = 0.1
     ins.HEAD_CHANNELS = 32
     ins.CONVS_DIM = 128
-    ins.COMMON_STRIDE = 4
-    ins.NORM = norm
     ins.CENTER_LOSS_WEIGHT = 200.0
     ins.OFFSET_LOSS_WEIGHT = 0.01
 
