@@ -1,7 +1,12 @@
 """Building blocks shared by the backbone, the attention modules and the heads (as
 detectron2's ``layers``): no registration, no config."""
 from .blocks import ConvBlock, get_activation, get_norm_layer, group_norm_groups
-from .channel_ops import argmax_channels, l2_normalize_channels, softmax_channels
+from .channel_ops import (
+    argmax_channels,
+    l2_normalize_channels,
+    softmax_argmax_channels,
+    softmax_channels,
+)
 
 __all__ = [
     "ConvBlock",
@@ -10,5 +15,6 @@ __all__ = [
     "get_norm_layer",
     "group_norm_groups",
     "l2_normalize_channels",
+    "softmax_argmax_channels",
     "softmax_channels",
 ]

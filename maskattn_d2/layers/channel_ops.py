@@ -4,7 +4,12 @@ strided loop there (10x slower than the elementwise forms below at (8, 6, 128, 1
 import torch
 import torch.nn.functional as F
 
-__all__ = ["argmax_channels", "l2_normalize_channels", "softmax_channels"]
+__all__ = [
+    "argmax_channels",
+    "l2_normalize_channels",
+    "softmax_argmax_channels",
+    "softmax_channels",
+]
 
 
 def argmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -19,8 +24,13 @@ def argmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     if scores.device.type != "cpu":
         return scores.argmax(dim=dim)
     dim = dim % scores.dim()
+    return _first_channel_at_max(scores, scores.amax(dim=dim, keepdim=True), dim)
+
+
+def _first_channel_at_max(scores: torch.Tensor, best: torch.Tensor, dim: int) -> torch.Tensor:
+    """The first channel along ``dim`` where ``scores`` reaches ``best`` (its amax over ``dim``,
+    kept), as the largest reversed channel index among those channels (CPU)."""
     num_channels = scores.shape[dim]
-    best = scores.amax(dim=dim, keepdim=True)
     # The narrowest integer type that holds the channel count keeps the product cheap.
     if num_channels < 2**8:
         dtype = torch.uint8
@@ -55,3 +65,15 @@ def softmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return scores.softmax(dim=dim)
     exp = (scores - scores.amax(dim=dim, keepdim=True)).exp_()
     return exp.div_(exp.sum(dim=dim, keepdim=True))
+
+
+def softmax_argmax_channels(scores: torch.Tensor, dim: int = 0):
+    """``(scores.softmax(dim), scores.argmax(dim))`` with one maximum over ``dim`` for both on
+    CPU (the postprocessor needs both of the 133-class maps: one pass over them less)."""
+    if scores.device.type != "cpu":
+        return scores.softmax(dim=dim), scores.argmax(dim=dim)
+    dim = dim % scores.dim()
+    best = scores.amax(dim=dim, keepdim=True)
+    first = _first_channel_at_max(scores, best, dim)
+    exp = (scores - best).exp_()
+    return exp.div_(exp.sum(dim=dim, keepdim=True)), first

@@ -270,10 +270,26 @@ def assign_to_seeds(
     Returns:
         (N,) int64 seed index in [0, S), or -1 where the point's group has no seed.
     """
-    if seed_points.shape[0] == 0:
+    num_seeds = seed_points.shape[0]
+    if num_seeds == 0:
         return torch.full_like(point_groups, -1)
-    distance = torch.cdist(points, seed_points).square_()
-    other_group = point_groups[:, None] != seed_groups[None, :]
-    distance.masked_fill_(other_group, float("inf"))
+    # Compare each point with the seeds of its own group only: seeds sorted by group (stable,
+    # so equal distances still go to the lowest seed index), each point reads the run of its
+    # group, padded to the longest run. N x (most seeds in a group) distances instead of N x S.
+    order = torch.argsort(seed_groups, stable=True)
+    sorted_groups = seed_groups.index_select(0, order)
+    start = torch.searchsorted(sorted_groups, point_groups)
+    count = torch.searchsorted(sorted_groups, point_groups, right=True) - start
+    longest = int(count.max())
+    if longest == 0:
+        return torch.full_like(point_groups, -1)
+    slot = torch.arange(longest, device=points.device)
+    valid = slot[None, :] < count[:, None]
+    candidate = order.index_select(0, (start[:, None] + slot).clamp_(max=num_seeds - 1).flatten())
+    candidate = candidate.view(-1, longest)
+    distance = (points[:, None, :] - seed_points.index_select(0, candidate.flatten()).view(
+        candidate.shape + (-1,)
+    )).square_().sum(dim=2)
+    distance.masked_fill_(~valid, float("inf"))
     best, nearest = distance.min(dim=1)
-    return torch.where(torch.isfinite(best), nearest, -1)
+    return torch.where(torch.isfinite(best), candidate.gather(1, nearest[:, None])[:, 0], -1)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from ...layers import argmax_channels, softmax_channels
+from ...layers import softmax_argmax_channels, softmax_channels
 from ...structures.label_maps import label_map_boxes, resize_label_map
 from .instances import (
     INSTANCE_METHODS,
@@ -247,7 +247,11 @@ class MaskAttnPostProcessor:
         """
         self._check_inputs(sem_logits, head_outputs, output_size, instance_on or panoptic_on)
         output_size = (int(output_size[0]), int(output_size[1]))
-        probs = softmax_channels(sem_logits.float(), dim=0)
+        needs_segments = instance_on or panoptic_on
+        if needs_segments:
+            probs, sem = softmax_argmax_channels(sem_logits.float(), dim=0)
+        else:
+            probs = softmax_channels(sem_logits.float(), dim=0)
         results = {}
         if semantic_on:
             if output_size == tuple(probs.shape[1:]):
@@ -256,9 +260,8 @@ class MaskAttnPostProcessor:
                 results["sem_seg"] = F.interpolate(
                     probs[None], size=output_size, mode="bilinear", align_corners=False
                 )[0]
-        if not (instance_on or panoptic_on):
+        if not needs_segments:
             return results
-        sem = argmax_channels(probs)
         is_thing = self._is_thing(sem.device)
         instance_map, classes, scores = self._ranked_instance_map(
             sem, probs, head_outputs, is_thing
@@ -273,9 +276,10 @@ class MaskAttnPostProcessor:
             stuff_area=self.stuff_area,
             label_divisor=self.label_divisor,
         )
-        if self.upsample_thing_boundaries:
+        if self.upsample_thing_boundaries and output_size != tuple(segment_map.shape):
             num_things = sum(1 for info in segments_info if info["isthing"])
-            thing_prob = probs.index_select(0, torch.nonzero(is_thing).squeeze(1)).sum(dim=0)
+            # One product over the class maps instead of gathering the thing classes' maps.
+            thing_prob = (is_thing.to(probs.dtype) @ probs.flatten(1)).view(segment_map.shape)
             segment_map = upsample_segment_map(segment_map, num_things, thing_prob, output_size)
         else:
             segment_map = resize_label_map(segment_map, output_size)
