@@ -193,6 +193,11 @@ class MaskAttnUNet(nn.Module):
                 f"multiples of {divisor}, the backbone's deepest stride (one halving per stage "
                 "of MODEL.MASK_ATTN_UNET.CHANNELS after the first)."
             )
+        # Checked at build time: the losses would only reject them at the first step.
+        if seed_target not in ("depth", "gaussian"):
+            raise ValueError(
+                f'MODEL.EMBED_HEAD.SEED_TARGET must be "depth" or "gaussian", got {seed_target!r}.'
+            )
         self.register_buffer("thing_ids", torch.tensor(sorted(thing_ids), dtype=torch.long), False)
         self.ignore_value = ignore_value
         self.sem_seg_loss_weight = sem_seg_loss_weight

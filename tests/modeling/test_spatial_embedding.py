@@ -156,6 +156,24 @@ def test_assign_to_seeds_matches_brute_force():
     assert torch.all(empty == -1)
 
 
+def test_assign_to_seeds_unsorted_groups_and_ties_go_to_the_lowest_seed():
+    g = torch.Generator().manual_seed(4)
+    points = torch.randint(0, 6, (300, 2), generator=g).float()
+    groups = torch.randint(0, 5, (300,), generator=g)
+    # Groups out of order; seeds 1 and 4 (group 2) and 0 and 6 (group 0) coincide: ties.
+    seed_points = torch.tensor([[1, 1], [3, 3], [0, 5], [5, 0], [3, 3], [2, 2], [1, 1]]).float()
+    seed_groups = torch.tensor([0, 2, 4, 0, 2, 1, 0])
+    assigned = assign_to_seeds(points, groups, seed_points, seed_groups)
+    for p, group, a in zip(points, groups.tolist(), assigned.tolist()):
+        same = [s for s in range(7) if seed_groups[s] == group]
+        if not same:
+            assert a == -1  # group 3 has no seed
+        else:
+            assert a == min(same, key=lambda s: (float((p - seed_points[s]).square().sum()), s))
+    assert (assigned == 4).sum() == 0 and (assigned == 6).sum() == 0
+    assert (assigned == -1).sum() == (groups == 3).sum() > 0
+
+
 def test_spatial_instances_split_touching_objects_inside_their_component():
     """Two touching boxes of one class (one component) are split by where their offsets
     point; a box of another class touching them stays apart (its own component); a seedless
