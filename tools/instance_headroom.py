@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Where a trained MaskAttn-UNet loses PQ_th: in its semantic map, its seeds or its offsets.
+
+    python tools/instance_headroom.py --config-file configs/dsb2018_panoptic_128.yaml \
+        --dataset dsb2018_panoptic_val MODEL.WEIGHTS output/dsb2018_panoptic_128/model_final.pth
+
+Evaluates the model on a panoptic dataset several times with the same weights, each time
+replacing part of its network outputs by the ground truth at the network size (the panoptic
+PNG resized with the evaluators' pixel-centre nearest rule), then running the model's own
+postprocessor and detectron2's ``COCOPanopticEvaluator`` at the original image size:
+
+- semantics: predicted, or the ground truth (one-hot logits; void pixels keep the prediction);
+- instances: connected components of the semantic map; the spatial embeddings with the
+  model's seed map and offsets; with ground-truth seeds (one per instance, at its deepest
+  pixel nearest its centroid); with ground-truth offsets (to the instance's centroid, on
+  ground-truth instance pixels); with both.
+
+The gap between "connected components" and "ground-truth seeds and offsets" is what separating
+touching objects can add at most through this postprocessor; the gaps to the model's own
+seeds / offsets say which head limits it. Writes ``instance_headroom.md`` / ``.json`` into
+``--output-dir`` and prints the table. Use a split you do not report, or report it as analysis.
+"""
+import argparse
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+from maskattn_d2 import add_maskattn_config
+from maskattn_d2.data import build_dataset_mapper, panoptic_to_targets
+from maskattn_d2.data.datasets.panoptic_conversion import read_panoptic_ids
+from maskattn_d2.engine import MaskAttnTrainer, load_inference_weights
+from maskattn_d2.evaluation import build_evaluator
+from maskattn_d2.evaluation.paper_protocol import resize_ids_nearest
+from maskattn_d2.modeling.losses import instance_centres, instance_depth
+from maskattn_d2.modeling.meta_arch import (
+    build_postprocessor,
+    postprocess_batch,
+    thing_ids_from_config,
+)
+
+logger = logging.getLogger("maskattn_d2.instance_headroom")
+
+# (row name, semantics from ground truth, instance method, seeds from gt, offsets from gt)
+ROWS = (
+    ("connected components", False, "connected_components", False, False),
+    ("spatial embedding", False, "spatial_embedding", False, False),
+    ("spatial embedding, gt seeds", False, "spatial_embedding", True, False),
+    ("spatial embedding, gt offsets", False, "spatial_embedding", False, True),
+    ("spatial embedding, gt seeds and offsets", False, "spatial_embedding", True, True),
+    ("connected components", True, "connected_components", False, False),
+    ("spatial embedding", True, "spatial_embedding", False, False),
+    ("spatial embedding, gt seeds", True, "spatial_embedding", True, False),
+    ("spatial embedding, gt offsets", True, "spatial_embedding", False, True),
+    ("spatial embedding, gt seeds and offsets", True, "spatial_embedding", True, True),
+)
+# Logit margin of the ground-truth maps: sigmoid(10) > 0.9999.
+CERTAIN = 10.0
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--dataset", default=None,
+                        help="registered panoptic dataset (default: the config's DATASETS.TEST[0])")
+    parser.add_argument("--output-dir", default="./output/instance_headroom")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="evaluate without MODEL.WEIGHTS (tests; the ground-truth rows only "
+                             "mean something then)")
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS path")
+    return parser
+
+
+def network_size_targets(
+    dataset_dict: Dict, size: Tuple[int, int], thing_ids: Sequence[int], ignore_label: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Semantic (h, w) and instance-id (h, w) int64 targets of one panoptic dict at the network
+    size ``size`` (every thing segment with a pixel left is an instance)."""
+    ids = resize_ids_nearest(read_panoptic_ids(dataset_dict["pan_seg_file_name"]), size)
+    sem, instance_ids = panoptic_to_targets(
+        ids, dataset_dict["segments_info"], thing_ids=thing_ids, ignore_label=ignore_label,
+        min_instance_pixels=1,
+    )
+    return torch.from_numpy(sem), torch.from_numpy(instance_ids)
+
+
+def oracle_seed_logits(instance_ids: torch.Tensor) -> torch.Tensor:
+    """(1, h, w) seed logits with one seed per instance of ``instance_ids`` (h, w): at its
+    deepest pixel (:func:`instance_depth` = 1) nearest its centroid, the first in raster
+    order on ties; +CERTAIN there, -CERTAIN elsewhere."""
+    ids = instance_ids[None]
+    depth = instance_depth(ids)[0]
+    centres, _ = instance_centres(ids)
+    h, w = instance_ids.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    distance = (centres[0, 0] - ys).square() + (centres[0, 1] - xs).square()
+    flat_ids = instance_ids.flatten()
+    num_slots = int(flat_ids.max()) + 1 if flat_ids.numel() else 1
+    deepest = (depth.flatten() >= 1.0) & (flat_ids > 0)
+    key = torch.where(deepest, distance.flatten().double(), float("inf"))
+    nearest = torch.full((num_slots,), float("inf"), dtype=torch.float64)
+    nearest = nearest.scatter_reduce(0, flat_ids, key, "amin")
+    candidate = deepest & (key == nearest.index_select(0, flat_ids))
+    index = torch.arange(h * w)
+    first = torch.full((num_slots,), h * w, dtype=torch.long).scatter_reduce(
+        0, flat_ids, torch.where(candidate, index, h * w), "amin"
+    )
+    seeds = torch.full((h * w,), -CERTAIN)
+    chosen = first[1:][first[1:] < h * w]
+    seeds[chosen] = CERTAIN
+    return seeds.view(1, h, w)
+
+
+def oracle_offsets(instance_ids: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """(2, h, w): offsets to the instance's centroid on instance pixels, ``predicted``
+    elsewhere."""
+    centres, _ = instance_centres(instance_ids[None])
+    h, w = instance_ids.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32),
+                            torch.arange(w, dtype=torch.float32), indexing="ij")
+    to_centre = centres[0] - torch.stack([ys, xs])
+    return torch.where(instance_ids[None] > 0, to_centre, predicted)
+
+
+def oracle_logits(sem: torch.Tensor, predicted: torch.Tensor, ignore_label: int) -> torch.Tensor:
+    """(K, h, w) logits certain of the ground-truth class ``sem`` (h, w); void pixels keep
+    ``predicted``."""
+    num_classes = predicted.shape[0]
+    valid = sem != ignore_label
+    one_hot = torch.nn.functional.one_hot(torch.where(valid, sem, 0), num_classes)
+    certain = (2 * one_hot.permute(2, 0, 1).float() - 1) * CERTAIN
+    return torch.where(valid[None], certain, predicted)
+
+
+class HeadroomModel(nn.Module):
+    """The trained model with parts of its network outputs replaced by the ground truth
+    before its postprocessor (``instance_method`` chosen per row)."""
+
+    def __init__(self, model: nn.Module, cfg, row: Tuple, thing_ids: Sequence[int]):
+        super().__init__()
+        self.model = model
+        _, self.gt_semantics, method, self.gt_seeds, self.gt_offsets = row
+        post_cfg = cfg.clone()
+        post_cfg.defrost()
+        post_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = method
+        self.postprocessor = build_postprocessor(post_cfg, thing_ids)
+        self.thing_ids = list(thing_ids)
+        self.ignore_label = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
+        sem_logits, heads = self.model.inference(batched_inputs, do_postprocess=False)
+        sem_logits, heads = sem_logits.clone(), {k: v.clone() for k, v in heads.items()}
+        size = tuple(sem_logits.shape[-2:])
+        for i, inputs in enumerate(batched_inputs):
+            sem, instance_ids = network_size_targets(
+                inputs, size, self.thing_ids, self.ignore_label
+            )
+            sem, instance_ids = sem.to(sem_logits.device), instance_ids.to(sem_logits.device)
+            if self.gt_semantics:
+                sem_logits[i] = oracle_logits(sem, sem_logits[i], self.ignore_label)
+            if self.gt_seeds:
+                heads["seed_logits"][i] = oracle_seed_logits(instance_ids.cpu()).to(
+                    sem_logits.device
+                )
+            if self.gt_offsets:
+                heads["offsets"][i] = oracle_offsets(instance_ids, heads["offsets"][i])
+        return postprocess_batch(self.postprocessor, sem_logits, heads, batched_inputs,
+                                 semantic_on=False, instance_on=False, panoptic_on=True)
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    # Panoptic quality only, at the original size.
+    cfg.TEST.EVALUATORS = ["panoptic"]
+    cfg.TEST.PAPER_PROTOCOL = False
+    if args.dataset:
+        cfg.DATASETS.TEST = (args.dataset,)
+    cfg.freeze()
+    return cfg
+
+
+def format_table(rows: Sequence[Dict], title: str) -> str:
+    lines = [f"# {title}", "",
+             "| semantics | instances | PQ | **PQ_th** | PQ_st | SQ_th | RQ_th |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['semantics']} | {r['instances']} | {r['PQ']:.1f} | "
+                     f"**{r['PQ_th']:.1f}** | {r['PQ_st']:.1f} | {r['SQ_th']:.1f} | "
+                     f"{r['RQ_th']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="maskattn_d2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = setup(args)
+    dataset = cfg.DATASETS.TEST[0]
+    if not MetadataCatalog.get(dataset).get("panoptic_json"):
+        raise ValueError(f"{dataset} has no panoptic ground truth (panoptic_json).")
+    model = build_model(cfg)
+    load_inference_weights(model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights)
+    model.eval()
+    thing_ids = thing_ids_from_config(cfg)
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = []
+    for row in ROWS:
+        wrapped = HeadroomModel(model, cfg, row, thing_ids)
+        loader = MaskAttnTrainer.build_test_loader(cfg, dataset)
+        folder = os.path.join(args.output_dir, "eval", f"row{len(results)}")
+        metrics = inference_on_dataset(wrapped, loader, build_evaluator(cfg, dataset, folder))
+        pq = metrics["panoptic_seg"]
+        results.append({
+            "semantics": "ground truth" if row[1] else "predicted",
+            "instances": row[0],
+            "PQ": pq["PQ"], "PQ_th": pq["PQ_th"], "PQ_st": pq["PQ_st"],
+            "SQ_th": pq["SQ_th"], "RQ_th": pq["RQ_th"],
+        })
+    title = f"PQ_th headroom on {dataset} ({cfg.MODEL.WEIGHTS or 'random weights'})"
+    table = format_table(results, title)
+    print(table)
+    with open(os.path.join(args.output_dir, "instance_headroom.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.output_dir, "instance_headroom.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
