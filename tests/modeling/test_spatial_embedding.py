@@ -289,3 +289,13 @@ def test_two_seeds_on_one_object_merge_but_touching_objects_stay_apart():
     merged, touching_a, touching_b = instances(merge_ratio=1.0)
     assert len(merged) == 1 and len(touching_a) == 1 and len(touching_b) == 1
     assert len({merged[0], touching_a[0], touching_b[0]}) == 3
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_window_max_equals_max_pool(kernel_size):
+    from maskattn_d2.modeling.postprocessing.clustering import _window_max
+
+    g = torch.Generator().manual_seed(kernel_size)
+    values = torch.randn(9, 13, generator=g)
+    expected = F.max_pool2d(values[None, None], kernel_size, stride=1, padding=kernel_size // 2)
+    assert torch.equal(_window_max(values, kernel_size), expected[0, 0])

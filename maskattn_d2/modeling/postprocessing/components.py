@@ -1,5 +1,6 @@
 """Connected components of label maps, by hooking and pointer jumping: vectorised torch (no
 per-pixel Python loops) that runs on CPU and CUDA."""
+import functools
 from typing import Tuple
 
 import torch
@@ -7,8 +8,10 @@ import torch
 __all__ = ["label_map_components"]
 
 
+@functools.lru_cache(maxsize=16)
 def _grid_edges(h: int, w: int, connectivity: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices (u, v), u < v, of every pair of neighbouring pixels of an h x w grid."""
+    """Flat indices (u, v), u < v, of every pair of neighbouring pixels of an h x w grid
+    (cached: every image of a network size has the same grid; callers must not modify them)."""
     index = torch.arange(h * w, device=device).view(h, w)
     pairs = [(index[:, :-1], index[:, 1:]), (index[:-1, :], index[1:, :])]
     if connectivity == 8:

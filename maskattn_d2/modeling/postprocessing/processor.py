@@ -364,7 +364,14 @@ class MaskAttnPostProcessor:
         device = segment_map.device
         ids = torch.tensor(indices, dtype=torch.long, device=device)
         instances = Instances(output_size)
-        instances.pred_masks = segment_map[None] == ids[:, None, None]
+        # One scatter into zeros instead of comparing the map with every segment id (N x H x W).
+        row_of_segment = torch.full((num_segments + 1,), -1, dtype=torch.long, device=device)
+        row_of_segment[ids + 1] = torch.arange(ids.numel(), device=device)
+        row = row_of_segment.index_select(0, segment_map.flatten() + 1)
+        pixels = torch.nonzero(row >= 0).squeeze(1)
+        masks = torch.zeros(ids.numel(), segment_map.numel(), dtype=torch.bool, device=device)
+        masks[row.index_select(0, pixels), pixels] = True
+        instances.pred_masks = masks.view(ids.numel(), *segment_map.shape)
         instances.pred_boxes = Boxes(label_map_boxes(segment_map, ids, num_segments))
         instances.pred_classes = torch.tensor(
             [s["category_id"] for s in things], dtype=torch.long, device=device
