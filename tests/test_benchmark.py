@@ -1,6 +1,5 @@
 """tools/benchmark.py (smoke run + FLOP handles), the peer models of tools/benchmarking,
 tools/compare_pq.py."""
-import importlib.util
 import json
 import math
 import os
@@ -19,23 +18,17 @@ from PIL import Image
 from benchmarking import peers
 from benchmarking.scenes import synthetic_scenes
 
+from tests.tool_modules import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick_schedules" / "synthetic_instant_test.yaml"
 UNET = REPO / "configs" / "variants" / "unet_128.yaml"
 SYNTHETIC_TRAIN = "maskattn_synthetic_panoptic_train"
 
 
-def _load_tool(name: str):
-    path = REPO / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"maskattn_tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def benchmark():
-    return _load_tool("benchmark")
+    return load_tool("benchmark")
 
 
 def test_benchmark_smoke_run_writes_table_json_and_plot(benchmark, tmp_path):
@@ -261,7 +254,7 @@ def test_panoptic_deeplab_runner_network_postprocess_and_training():
 @pytest.mark.slow
 def test_compare_pq_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKATTN_D2_CACHE", str(tmp_path / "cache"))
-    compare_pq = _load_tool("compare_pq")
+    compare_pq = load_tool("compare_pq")
     rows = compare_pq.main(
         ["--iters", "2", "--batch-size", "2", "--num-train", "4", "--num-val", "2",
          "--output-dir", str(tmp_path / "out")]

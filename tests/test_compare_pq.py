@@ -1,7 +1,6 @@
 """tools/compare_pq.py: --dataset (generated synthetic data or a registered pair), --models,
 the instance methods taken from the postprocessor. The full two-model run is in
 tests/test_benchmark.py (slow)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from maskattn_d2.data.datasets import register_synthetic_panoptic
 from maskattn_d2.modeling.postprocessing import INSTANCE_METHODS
 
+from tests.tool_modules import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick_schedules" / "synthetic_instant_test.yaml"
 
 
 @pytest.fixture(scope="module")
 def compare_pq():
-    path = REPO / "tools" / "compare_pq.py"
-    spec = importlib.util.spec_from_file_location("maskattn_tool_compare_pq", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("compare_pq")
 
 
 @pytest.fixture

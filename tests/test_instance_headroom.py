@@ -1,6 +1,5 @@
 """tools/instance_headroom.py: ground-truth seeds / offsets / semantics substituted for the
 network's, scored by detectron2's panoptic evaluator."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,17 +9,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from maskattn_d2.data.datasets import register_synthetic_panoptic
 from maskattn_d2.modeling.losses import instance_depth
 
+from tests.tool_modules import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick_schedules" / "synthetic_instant_test.yaml"
 
 
 @pytest.fixture(scope="module")
 def headroom():
-    path = REPO / "tools" / "instance_headroom.py"
-    spec = importlib.util.spec_from_file_location("maskattn_tool_instance_headroom", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("instance_headroom")
 
 
 def test_oracle_seeds_one_per_instance_at_its_deepest_pixel_nearest_the_centroid(headroom):

@@ -172,6 +172,8 @@ def test_assign_to_seeds_unsorted_groups_and_ties_go_to_the_lowest_seed():
             assert a == min(same, key=lambda s: (float((p - seed_points[s]).square().sum()), s))
     assert (assigned == 4).sum() == 0 and (assigned == 6).sum() == 0
     assert (assigned == -1).sum() == (groups == 3).sum() > 0
+    nothing = assign_to_seeds(points[:0], groups[:0], seed_points, seed_groups)
+    assert nothing.shape == (0,)
 
 
 def test_spatial_instances_split_touching_objects_inside_their_component():

@@ -291,7 +291,7 @@ def assign_to_seeds(
         (N,) int64 seed index in [0, S), or -1 where the point's group has no seed.
     """
     num_seeds = seed_points.shape[0]
-    if num_seeds == 0:
+    if num_seeds == 0 or points.shape[0] == 0:
         return torch.full_like(point_groups, -1)
     # Compare each point with the seeds of its own group only: seeds sorted by group (stable,
     # so equal distances still go to the lowest seed index), each point reads the run of its
