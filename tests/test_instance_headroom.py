@@ -63,3 +63,11 @@ def test_ground_truth_rows_on_touching_scenes(headroom, tmp_path):
     assert gt["spatial embedding, gt seeds and offsets"]["PQ_th"] > 85
     assert gt["spatial embedding"]["PQ_th"] < 40
     assert (tmp_path / "out" / "instance_headroom.md").read_text().count("\n| ") == 11
+
+
+def test_refuses_a_model_without_spatial_embeddings_and_random_weights(headroom, tmp_path):
+    common = ["--config-file", str(QUICK), "--output-dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="MODEL.EMBED_HEAD.SPATIAL_ON is False"):
+        headroom.main(common + ["--allow-random-weights", "MODEL.EMBED_HEAD.SPATIAL_ON", "False"])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS"):
+        headroom.main(common)  # no weights: nothing to analyse

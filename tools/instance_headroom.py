@@ -212,6 +212,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     dataset = cfg.DATASETS.TEST[0]
     if not MetadataCatalog.get(dataset).get("panoptic_json"):
         raise ValueError(f"{dataset} has no panoptic ground truth (panoptic_json).")
+    if not cfg.MODEL.EMBED_HEAD.SPATIAL_ON:
+        raise ValueError(
+            "instance_headroom needs a model with spatial embeddings (offsets and a seed map): "
+            "MODEL.EMBED_HEAD.SPATIAL_ON is False."
+        )
     model = build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights)
     model.eval()
