@@ -24,6 +24,7 @@ from detectron2.data.datasets.builtin_meta import (
 )
 from detectron2.data.datasets.cityscapes_panoptic import register_all_cityscapes_panoptic
 
+from maskattn_d2.data.datasets import load_panoptic_json, panoptic_metadata
 from maskattn_d2.data.datasets.panoptic_conversion import convert_panoptic_annotations
 
 COCO_MINI = Path(__file__).resolve().parents[1] / "datasets" / "coco_panoptic_val2017_mini"
@@ -111,6 +112,17 @@ def register_coco_mini(name: str, metadata: Dict, instances_json: Optional[str])
     return name
 
 
+def coco_mini_dicts() -> Tuple[List[Dict], Dict]:
+    """The COCO sample's panoptic dicts (the project's loader, contiguous category ids) and
+    the metadata they were loaded with."""
+    metadata = panoptic_metadata(COCO_CATEGORIES)
+    dicts = load_panoptic_json(
+        str(COCO_MINI_PANOPTIC_JSON), str(COCO_MINI / "val2017"), str(COCO_MINI_PANOPTIC_ROOT),
+        metadata,
+    )
+    return dicts, metadata
+
+
 @pytest.fixture
 def register_coco_sample():
     """Register the COCO sample for one test: ``register_coco_sample(name, metadata, json)``."""
@@ -128,7 +140,6 @@ def register_coco_sample():
 @pytest.fixture(scope="session")
 def coco_mini_instances_json(tmp_path_factory) -> str:
     """COCO instances json of the sample (thing segments as RLE), written once."""
-    assert COCO_MINI_PANOPTIC_JSON.is_file(), f"missing COCO sample at {COCO_MINI}"
     assert COCO_MINI_PANOPTIC_JSON.is_file(), f"missing COCO sample at {COCO_MINI}"
     path = str(tmp_path_factory.mktemp("coco_mini") / "instances_val2017.json")
     with open(COCO_MINI_PANOPTIC_JSON) as f:

@@ -6,7 +6,6 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data import transforms as T
 from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
@@ -23,9 +22,9 @@ from maskattn_d2.data import (
     eval_augmentations,
     train_augmentations,
 )
-from maskattn_d2.data.datasets import load_panoptic_json, panoptic_metadata
 
-COCO_MINI = Path(__file__).resolve().parents[2] / "datasets" / "coco_panoptic_val2017_mini"
+from ..conftest import coco_mini_dicts
+
 NET = (128, 128)
 
 
@@ -138,15 +137,7 @@ def test_augmentation_lists_follow_config():
 # ---------------------------------------------------------------- mapper on COCO sample
 @pytest.fixture(scope="module")
 def coco_dicts():
-    meta = panoptic_metadata(COCO_CATEGORIES)
-    ann = COCO_MINI / "annotations"
-    dicts = load_panoptic_json(
-        str(ann / "panoptic_val2017.json"),
-        str(COCO_MINI / "val2017"),
-        str(ann / "panoptic_val2017"),
-        meta,
-    )
-    return dicts, meta
+    return coco_mini_dicts()
 
 
 def _resize_mapper(meta, **overrides):

@@ -14,7 +14,6 @@ import pytest
 import torch
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 
@@ -30,10 +29,10 @@ from maskattn_d2.data.augmentations import (
     RandomSaturation,
     ResizeTransform,
 )
-from maskattn_d2.data.datasets import load_panoptic_json, panoptic_metadata
 from maskattn_d2.data.datasets.validation import read_image_checked, read_panoptic_png
 
-COCO_MINI = Path(__file__).resolve().parents[2] / "datasets" / "coco_panoptic_val2017_mini"
+from ..conftest import COCO_MINI_PANOPTIC_JSON, coco_mini_dicts
+
 NET = (128, 128)
 
 
@@ -283,15 +282,8 @@ def _colour_sample(root: Path):
 def _samples(tmp_path):
     """(dicts, thing ids): the colour sample, plus the COCO sample when it is present."""
     samples = [([_colour_sample(tmp_path)], [0, 1])]
-    if (COCO_MINI / "annotations" / "panoptic_val2017.json").is_file():
-        meta = panoptic_metadata(COCO_CATEGORIES)
-        ann = COCO_MINI / "annotations"
-        dicts = load_panoptic_json(
-            str(ann / "panoptic_val2017.json"),
-            str(COCO_MINI / "val2017"),
-            str(ann / "panoptic_val2017"),
-            meta,
-        )
+    if COCO_MINI_PANOPTIC_JSON.is_file():
+        dicts, meta = coco_mini_dicts()
         samples.append((dicts, list(meta["thing_dataset_id_to_contiguous_id"].values())))
     return samples
 
