@@ -60,6 +60,41 @@ def scene_all_void(size: int = 32):
 SCENES = {"things": scene_with_things, "stuff_only": scene_stuff_only, "void": scene_all_void}
 
 
+def mapper_sample_layout():
+    """A 90x150 panoptic id map in contiguous category ids, asymmetric so that flips show:
+    stuff 2 (left) and 3 (right), things 0 (two instances) and 1, a void strip. Returns
+    (ids, segments_info)."""
+    pan = np.full((90, 150), 1, dtype=np.int32)  # stuff 2 on the left
+    pan[:, 60:] = 2  # stuff 3 on the right
+    pan[10:50, 10:40] = 3  # thing 0
+    pan[40:80, 90:140] = 4  # thing 1
+    pan[55:75, 20:35] = 5  # thing 0, second instance
+    pan[0:6, 100:150] = 0  # void
+    segments = [
+        {"id": 1, "category_id": 2, "iscrowd": 0},
+        {"id": 2, "category_id": 3, "iscrowd": 0},
+        {"id": 3, "category_id": 0, "iscrowd": 0},
+        {"id": 4, "category_id": 1, "iscrowd": 0},
+        {"id": 5, "category_id": 0, "iscrowd": 0},
+    ]
+    return pan, segments
+
+
+def write_mapper_sample(root: Path, image: np.ndarray, pan: np.ndarray, segments) -> Dict:
+    """Write ``image`` (uint8 RGB) and the panoptic PNG of ``pan`` as PNGs under ``root``;
+    returns their detectron2 panoptic dict (contiguous category ids, image_id 1)."""
+    Image.fromarray(image).save(root / "image.png")
+    Image.fromarray(id2rgb(pan)).save(root / "pan.png")
+    return {
+        "file_name": str(root / "image.png"),
+        "pan_seg_file_name": str(root / "pan.png"),
+        "image_id": 1,
+        "height": pan.shape[0],
+        "width": pan.shape[1],
+        "segments_info": segments,
+    }
+
+
 def write_panoptic_dataset(
     root: Path,
     scenes: Sequence[str],

@@ -7,7 +7,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
-from panopticapi.utils import id2rgb, rgb2id
+from panopticapi.utils import rgb2id
 from PIL import Image
 
 from maskattn_d2.config import add_maskattn_config
@@ -24,6 +24,7 @@ from maskattn_d2.data import (
 )
 
 from ..conftest import coco_mini_dicts
+from ..panoptic_factory import mapper_sample_layout, write_mapper_sample
 
 NET = (128, 128)
 
@@ -253,33 +254,12 @@ _PALETTE = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255), 3: (255, 255, 0), 25
 
 def _colour_coded_sample(root: Path):
     """A 90x150 lossless image whose colours are its classes, and its panoptic PNG."""
-    pan = np.full((90, 150), 1, dtype=np.int32)  # stuff 2 on the left
-    pan[:, 60:] = 2  # stuff 3 on the right (asymmetric: flips are visible)
-    pan[10:50, 10:40] = 3  # thing 0
-    pan[40:80, 90:140] = 4  # thing 1
-    pan[55:75, 20:35] = 5  # thing 0, second instance
-    pan[0:6, 100:150] = 0  # void
-    segments = [
-        {"id": 1, "category_id": 2, "iscrowd": 0},
-        {"id": 2, "category_id": 3, "iscrowd": 0},
-        {"id": 3, "category_id": 0, "iscrowd": 0},
-        {"id": 4, "category_id": 1, "iscrowd": 0},
-        {"id": 5, "category_id": 0, "iscrowd": 0},
-    ]
+    pan, segments = mapper_sample_layout()
     sem = panoptic_to_semantic(pan, segments, ignore_label=255)
     image = np.zeros((90, 150, 3), dtype=np.uint8)
     for label, colour in _PALETTE.items():
         image[sem == label] = colour
-    Image.fromarray(image).save(root / "image.png")
-    Image.fromarray(id2rgb(pan)).save(root / "pan.png")
-    return {
-        "file_name": str(root / "image.png"),
-        "pan_seg_file_name": str(root / "pan.png"),
-        "image_id": 1,
-        "height": 90,
-        "width": 150,
-        "segments_info": segments,
-    }
+    return write_mapper_sample(root, image, pan, segments)
 
 
 def _colour_classes(image_chw: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
-from panopticapi.utils import id2rgb, rgb2id
+from panopticapi.utils import rgb2id
 from PIL import Image
 
 from maskattn_d2.data import (
@@ -32,6 +32,7 @@ from maskattn_d2.data.augmentations import (
 from maskattn_d2.data.datasets.validation import read_image_checked, read_panoptic_png
 
 from ..conftest import COCO_MINI_PANOPTIC_JSON, coco_mini_dicts
+from ..panoptic_factory import mapper_sample_layout, write_mapper_sample
 
 NET = (128, 128)
 
@@ -251,32 +252,12 @@ def test_truncated_png_is_an_error_naming_the_file(tmp_path):
 def _colour_sample(root: Path):
     """A 90x150 PNG image (the OpenCV read path) with a panoptic PNG of 6 segments."""
     rs = np.random.RandomState(6)
-    pan = np.full((90, 150), 1, dtype=np.int32)
-    pan[:, 60:] = 2
-    pan[10:50, 10:40] = 3
-    pan[40:80, 90:140] = 4
-    pan[55:75, 20:35] = 5
+    pan, segments = mapper_sample_layout()
+    segments[3]["iscrowd"] = 1  # thing 1 is a crowd
     pan[60:62, 60:62] = 6  # 4 px: dropped when resized
-    pan[0:6, 100:150] = 0
-    segments = [
-        {"id": 1, "category_id": 2, "iscrowd": 0},
-        {"id": 2, "category_id": 3, "iscrowd": 0},
-        {"id": 3, "category_id": 0, "iscrowd": 0},
-        {"id": 4, "category_id": 1, "iscrowd": 1},
-        {"id": 5, "category_id": 0, "iscrowd": 0},
-        {"id": 6, "category_id": 1, "iscrowd": 0},
-    ]
+    segments.append({"id": 6, "category_id": 1, "iscrowd": 0})
     image = (rs.rand(90, 150, 3) * 60 + pan[:, :, None] * 30).astype(np.uint8)
-    Image.fromarray(image).save(root / "image.png")
-    Image.fromarray(id2rgb(pan)).save(root / "pan.png")
-    return {
-        "file_name": str(root / "image.png"),
-        "pan_seg_file_name": str(root / "pan.png"),
-        "image_id": 1,
-        "height": 90,
-        "width": 150,
-        "segments_info": segments,
-    }
+    return write_mapper_sample(root, image, pan, segments)
 
 
 def _samples(tmp_path):
