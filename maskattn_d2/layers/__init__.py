@@ -4,7 +4,6 @@ from .blocks import ConvBlock, get_activation, get_norm_layer, group_norm_groups
 from .channel_ops import (
     argmax_channels,
     l2_normalize_channels,
-    softmax_argmax_channels,
     softmax_channels,
 )
 
@@ -15,6 +14,5 @@ __all__ = [
     "get_norm_layer",
     "group_norm_groups",
     "l2_normalize_channels",
-    "softmax_argmax_channels",
     "softmax_channels",
 ]

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 __all__ = [
     "argmax_channels",
     "l2_normalize_channels",
-    "softmax_argmax_channels",
     "softmax_channels",
 ]
 
@@ -24,12 +23,6 @@ def argmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     if scores.device.type != "cpu":
         return scores.argmax(dim=dim)
     dim = dim % scores.dim()
-    return _first_channel_at_max(scores, scores.amax(dim=dim, keepdim=True), dim)
-
-
-def _first_channel_at_max(scores: torch.Tensor, best: torch.Tensor, dim: int) -> torch.Tensor:
-    """The first channel along ``dim`` where ``scores`` reaches ``best`` (its amax over ``dim``,
-    kept), as the largest reversed channel index among those channels (CPU)."""
     num_channels = scores.shape[dim]
     # The narrowest integer type that holds the channel count keeps the product cheap.
     if num_channels < 2**8:
@@ -42,7 +35,8 @@ def _first_channel_at_max(scores: torch.Tensor, best: torch.Tensor, dim: int) ->
     shape[dim] = num_channels
     reversed_index = torch.arange(num_channels, 0, -1, device=scores.device).to(dtype).view(shape)
     # >= is the same test as == here (nothing exceeds the max) and cheaper on CPU.
-    first = num_channels - ((scores >= best) * reversed_index).amax(dim=dim).long()
+    at_max = scores >= scores.amax(dim=dim, keepdim=True)
+    first = num_channels - (at_max * reversed_index).amax(dim=dim).long()
     return first.clamp_(max=num_channels - 1)
 
 
@@ -66,14 +60,3 @@ def softmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     exp = (scores - scores.amax(dim=dim, keepdim=True)).exp_()
     return exp.div_(exp.sum(dim=dim, keepdim=True))
 
-
-def softmax_argmax_channels(scores: torch.Tensor, dim: int = 0):
-    """``(scores.softmax(dim), scores.argmax(dim))`` with one maximum over ``dim`` for both on
-    CPU (the postprocessor needs both of the 133-class maps: one pass over them less)."""
-    if scores.device.type != "cpu":
-        return scores.softmax(dim=dim), scores.argmax(dim=dim)
-    dim = dim % scores.dim()
-    best = scores.amax(dim=dim, keepdim=True)
-    first = _first_channel_at_max(scores, best, dim)
-    exp = (scores - best).exp_()
-    return exp.div_(exp.sum(dim=dim, keepdim=True)), first

@@ -312,7 +312,7 @@ class MaskAttnUNet(nn.Module):
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """
         Returns:
-            if ``do_postprocess``: a list of dicts with ``"sem_seg"`` (K,H,W) probabilities,
+            if ``do_postprocess``: a list of dicts with ``"sem_seg"`` (K,H,W) logits,
             ``"instances"`` and ``"panoptic_seg"`` (ids (H,W) int32, segments_info), at each
             image's ``height``/``width`` (default: its input size); otherwise the raw
             ``(sem_logits (B,K,h,w), embedding head outputs {name: (B,C,h,w)})`` at network

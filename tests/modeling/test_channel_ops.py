@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from maskattn_d2.layers import (
     argmax_channels,
     l2_normalize_channels,
-    softmax_argmax_channels,
     softmax_channels,
 )
 
@@ -39,18 +38,6 @@ def test_softmax_channels_equals_softmax(dim):
     scores = 20 * torch.randn(7, 5, 6, generator=g)
     scores[:, 0, 0] = 1e4  # large equal logits: no overflow
     torch.testing.assert_close(softmax_channels(scores, dim=dim), scores.softmax(dim=dim))
-
-
-@pytest.mark.parametrize("dim", [0, 1, -3])
-def test_softmax_argmax_channels_equals_softmax_and_argmax(dim):
-    g = torch.Generator().manual_seed(2)
-    scores = torch.randint(-3, 3, (4, 5, 6, 7), generator=g).float() * 7  # many ties
-    scores[0, 0, 0, 0] = float("nan")
-    probs, first = softmax_argmax_channels(scores, dim=dim)
-    torch.testing.assert_close(probs, scores.softmax(dim=dim), equal_nan=True)
-    assert torch.equal(first, argmax_channels(scores, dim=dim))
-    finite = torch.isfinite(scores).all(dim=dim)
-    assert torch.equal(first[finite], scores.argmax(dim=dim)[finite])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -131,7 +131,9 @@ def test_embedding_postprocessor_separates_touching_instances(device, method):
     scores = instances.scores
     assert torch.all(scores[:-1] >= scores[1:]) and torch.all((scores > 0.5) & (scores <= 1))
     assert out["sem_seg"].shape == (5, *OUT)
-    assert torch.allclose(out["sem_seg"].sum(0), torch.ones(OUT, device=device), atol=1e-5)
+    # detectron2's convention: the logits, resized bilinearly to the output size.
+    resized = F.interpolate(logits[None], size=OUT, mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(out["sem_seg"], resized)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -227,7 +229,7 @@ def test_same_output_size_keeps_network_maps():
     logits, embeddings = _scene("cpu")
     out = _postprocessor()(logits, embeddings, NET)
     assert out["sem_seg"].shape == (5, *NET)
-    assert torch.allclose(out["sem_seg"], logits.softmax(0))
+    assert torch.equal(out["sem_seg"], logits)
     _check_panoptic_consistency(*out["panoptic_seg"], NET)
     areas = sorted(int(m.sum()) for m in out["instances"].pred_masks)
     assert areas == sorted((r1 - r0) * (c1 - c0) for _, (r0, r1), (c0, c1) in OBJECTS)
@@ -384,7 +386,7 @@ def test_instance_helpers_classes_and_scores():
     sem = probs.argmax(0)
     is_thing = torch.tensor([False, True, True, False, False])
     instance_map, classes, scores = embedding_instance_map(
-        sem, probs, embeddings["embeddings"], is_thing,
+        sem, logits, embeddings["embeddings"], is_thing,
         similarity_threshold=0.9, min_instance_area=8, max_instances=100,
     )
     masks = [instance_map.view(NET) == k for k in range(classes.numel())]
@@ -393,7 +395,7 @@ def test_instance_helpers_classes_and_scores():
         mean_prob = probs[category][mask].mean()
         assert score <= mean_prob + 1e-6 and score > 0.9 * mean_prob
     instance_map, classes, scores = connected_component_instance_map(
-        sem, probs, is_thing, min_instance_area=8, connectivity=8
+        sem, logits, is_thing, min_instance_area=8, connectivity=8
     )
     masks = [instance_map.view(NET) == k for k in range(classes.numel())]
     # The two touching cars are one component.

@@ -154,6 +154,10 @@ def test_assign_to_seeds_matches_brute_force():
             assert a == min(same, key=lambda s: float((p - seed_points[s]).square().sum()))
     empty = assign_to_seeds(points, groups, seed_points[:0], seed_groups[:0])
     assert torch.all(empty == -1)
+    # One seed per group (no distances needed): every point of a seeded group joins its seed.
+    single = assign_to_seeds(points, groups, seed_points[[5, 0, 2]], seed_groups[[5, 0, 2]])
+    expected = torch.tensor([1, 2, 0, -1])[groups]
+    assert torch.equal(single, expected)
 
 
 def test_assign_to_seeds_unsorted_groups_and_ties_go_to_the_lowest_seed():
@@ -193,10 +197,10 @@ def test_spatial_instances_split_touching_objects_inside_their_component():
         offsets[1, r0:r1, c0:c1] = cx - xs[r0:r1, c0:c1]
         seed_map[int(cy), int(cx)] = 0.9
     sem[15:18, 3:8] = 1  # a blob of class 1 without seed
-    probs = F.one_hot(sem, 3).permute(2, 0, 1).float()
+    logits = F.one_hot(sem, 3).permute(2, 0, 1).float() * 30  # probability 1 in float32
     head_outputs = {"offsets": offsets, "seed_logits": torch.logit(seed_map)[None]}
     instance_map, classes, scores = spatial_instance_map(
-        sem, probs, head_outputs, torch.tensor([False, True, True]), seed_threshold=0.5,
+        sem, logits, head_outputs, torch.tensor([False, True, True]), seed_threshold=0.5,
         seed_min_distance=2.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
     )
     instance_map = instance_map.view(h, w)
@@ -215,7 +219,7 @@ def test_spatial_instances_split_touching_objects_inside_their_component():
     assert torch.all(instance_map[sem == 0] == -1)
     # The ablation: without the components, the seedless blob joins a seed far away.
     anywhere, _, _ = spatial_instance_map(
-        sem, probs, head_outputs, torch.tensor([False, True, True]), seed_threshold=0.5,
+        sem, logits, head_outputs, torch.tensor([False, True, True]), seed_threshold=0.5,
         seed_min_distance=2.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
         within_components=False,
     )
@@ -274,12 +278,12 @@ def test_two_seeds_on_one_object_merge_but_touching_objects_stay_apart():
     box(slice(2, 12), slice(20, 28), (6.5, 23.5))  # two touching objects
     box(slice(2, 12), slice(28, 36), (6.5, 31.5))
     seed_map[6, 23], seed_map[6, 31] = 0.9, 0.9
-    probs = F.one_hot(sem, 2).permute(2, 0, 1).float()
+    logits = F.one_hot(sem, 2).permute(2, 0, 1).float() * 30
     head_outputs = {"offsets": offsets, "seed_logits": torch.logit(seed_map)[None]}
 
     def instances(merge_ratio):
         instance_map, _, _ = spatial_instance_map(
-            sem, probs, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
+            sem, logits, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
             seed_min_distance=0.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
             merge_ratio=merge_ratio,
         )

@@ -21,31 +21,34 @@ INSTANCE_METHODS = ("spatial_embedding", "embedding", "connected_components")
 
 
 def _mean_class_probability(
-    instance_map: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor
+    instance_map: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor
 ) -> torch.Tensor:
     """
-    Mean over each instance's pixels of the probability of the instance's class.
+    Mean over each instance's pixels of the softmax probability of the instance's class,
+    from the logits of the instance pixels only (no softmax of the whole K-class map).
 
     Args:
         instance_map: (h * w,) int64, instance index in [0, M) or -1 for none.
-        probs: (K, h, w) class probabilities.
+        logits: (K, h, w) class logits.
         classes: (M,) int64 class of each instance.
 
     Returns:
         (M,) float (0 for an instance without pixels).
     """
     num_instances = classes.numel()
-    slot = instance_map + 1  # slot 0: no instance
-    pixel_class = torch.cat([classes.new_zeros(1), classes]).index_select(0, slot)
-    pixel_prob = probs.flatten(1).gather(0, pixel_class[None])[0]
-    prob_sum = probs.new_zeros(num_instances + 1).index_add_(0, slot, pixel_prob)[1:]
-    areas = torch.bincount(slot, minlength=num_instances + 1)[1:]
+    pixels = torch.nonzero(instance_map >= 0).squeeze(1)
+    instance = instance_map.index_select(0, pixels)
+    pixel_logits = logits.flatten(1).index_select(1, pixels).float()
+    chosen = pixel_logits.gather(0, classes.index_select(0, instance)[None])[0]
+    pixel_prob = (chosen - torch.logsumexp(pixel_logits, dim=0)).exp_()
+    prob_sum = pixel_prob.new_zeros(num_instances).index_add_(0, instance, pixel_prob)
+    areas = torch.bincount(instance, minlength=num_instances)
     return prob_sum / areas.clamp(min=1)
 
 
 def embedding_instance_map(
     sem: torch.Tensor,
-    probs: torch.Tensor,
+    logits: torch.Tensor,
     embeddings: torch.Tensor,
     is_thing: torch.Tensor,
     *,
@@ -63,7 +66,7 @@ def embedding_instance_map(
 
     Args:
         sem: (h, w) int64 semantic argmax.
-        probs: (K, h, w) class probabilities.
+        logits: (K, h, w) class logits.
         embeddings: (D, h, w) pixel embeddings (renormalised here).
         is_thing: (K,) bool, True for thing classes.
         similarity_threshold: cosine similarity to a cluster centre to join it.
@@ -76,7 +79,7 @@ def embedding_instance_map(
         cosine similarity of its pixels to its centre, clamped to [0, 1]); in no particular
         order.
     """
-    num_classes = probs.shape[0]
+    num_classes = logits.shape[0]
     sem = sem.flatten()
     thing_pixels = torch.nonzero(is_thing.index_select(0, sem)).squeeze(1)
     # Contiguous rows: normalising and gathering a transposed view is ~10x slower.
@@ -90,20 +93,20 @@ def embedding_instance_map(
     num_clusters = confidence.numel()
     instance_map = torch.full_like(sem, -1).index_copy_(0, thing_pixels, labels)
     if num_clusters == 0:
-        return instance_map, sem.new_zeros(0), probs.new_zeros(0)
+        return instance_map, sem.new_zeros(0), logits.new_zeros(0, dtype=torch.float32)
     # Majority class of each cluster; unclustered pixels vote in a dropped extra bin.
     ballot = torch.where(
         labels >= 0, labels * num_classes + sem.index_select(0, thing_pixels), -1
     )
     votes = torch.bincount(ballot + 1, minlength=num_clusters * num_classes + 1)[1:]
     classes = votes.view(num_clusters, num_classes).argmax(dim=1)
-    mean_prob = _mean_class_probability(instance_map, probs, classes)
+    mean_prob = _mean_class_probability(instance_map, logits, classes)
     return instance_map, classes, mean_prob * confidence.clamp(0, 1)
 
 
 def connected_component_instance_map(
     sem: torch.Tensor,
-    probs: torch.Tensor,
+    logits: torch.Tensor,
     is_thing: torch.Tensor,
     *,
     min_instance_area: int,
@@ -115,7 +118,7 @@ def connected_component_instance_map(
 
     Args:
         sem: (h, w) int64 semantic argmax.
-        probs: (K, h, w) class probabilities.
+        logits: (K, h, w) class logits.
         is_thing: (K,) bool, True for thing classes.
         min_instance_area: components with fewer pixels are dropped.
         connectivity: 8 (diagonal neighbours connect) or 4.
@@ -136,7 +139,7 @@ def connected_component_instance_map(
     new_index = torch.where(keep, torch.cumsum(keep, dim=0) - 1, -1)
     instance_map = new_index.index_select(0, components)
     classes = classes[keep]
-    return instance_map, classes, _mean_class_probability(instance_map, probs, classes)
+    return instance_map, classes, _mean_class_probability(instance_map, logits, classes)
 
 
 def merge_split_instances(
@@ -182,7 +185,7 @@ def merge_split_instances(
 
 def spatial_instance_map(
     sem: torch.Tensor,
-    probs: torch.Tensor,
+    logits: torch.Tensor,
     head_outputs: Dict[str, torch.Tensor],
     is_thing: torch.Tensor,
     *,
@@ -279,5 +282,5 @@ def spatial_instance_map(
     label_seed[:num_seeds] = seed_values.new_zeros(num_seeds).scatter_reduce(
         0, seed_of_point.index_select(0, seed_rows), seed_values.index_select(0, seeds), "amax"
     )
-    mean_prob = _mean_class_probability(instance_map, probs, classes)
+    mean_prob = _mean_class_probability(instance_map, logits, classes)
     return instance_map, classes, mean_prob * label_seed[keep]

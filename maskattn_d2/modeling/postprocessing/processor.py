@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from ...layers import softmax_argmax_channels, softmax_channels
+from ...layers import argmax_channels, softmax_channels
 from ...structures.label_maps import label_map_boxes, resize_label_map
 from .instances import (
     INSTANCE_METHODS,
@@ -33,8 +33,8 @@ class MaskAttnPostProcessor:
     Turns one image's semantic logits and pixel embeddings into detectron2's standard outputs:
     ``"sem_seg"``, ``"instances"`` and ``"panoptic_seg"``.
 
-    Steps: softmax and argmax at network resolution; instances from the thing pixels, either by
-    from the spatial embeddings (:func:`spatial_instance_map`), by clustering the embeddings
+    Steps: argmax at network resolution; instances from the thing pixels, either from the
+    spatial embeddings (:func:`spatial_instance_map`), by clustering the embeddings
     (:func:`embedding_instance_map`) or as connected components of the semantic map
     (:func:`connected_component_instance_map`), as one label map; ranking by score (threshold,
     top ``max_instances``); merging with stuff (:func:`merge_instance_map`); finally
@@ -164,7 +164,7 @@ class MaskAttnPostProcessor:
     def _ranked_instance_map(
         self,
         sem: torch.Tensor,
-        probs: torch.Tensor,
+        logits: torch.Tensor,
         head_outputs: Optional[Dict[str, torch.Tensor]],
         is_thing: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,7 +174,7 @@ class MaskAttnPostProcessor:
 
         Args:
             sem: (h, w) int64 semantic argmax.
-            probs: (K, h, w) class probabilities.
+            logits: (K, h, w) class logits.
             head_outputs: the embedding head's outputs of the image (unused by
                 "connected_components").
             is_thing: (K,) bool.
@@ -186,7 +186,7 @@ class MaskAttnPostProcessor:
         if self.instance_method == "spatial_embedding":
             instance_map, classes, scores = spatial_instance_map(
                 sem,
-                probs,
+                logits,
                 head_outputs,
                 is_thing,
                 seed_threshold=self.seed_threshold,
@@ -200,7 +200,7 @@ class MaskAttnPostProcessor:
         elif self.instance_method == "embedding":
             instance_map, classes, scores = embedding_instance_map(
                 sem,
-                probs,
+                logits,
                 head_outputs["embeddings"],
                 is_thing,
                 similarity_threshold=self.similarity_threshold,
@@ -209,7 +209,7 @@ class MaskAttnPostProcessor:
             )
         else:
             instance_map, classes, scores = connected_component_instance_map(
-                sem, probs, is_thing, min_instance_area=self.min_instance_area, connectivity=8
+                sem, logits, is_thing, min_instance_area=self.min_instance_area, connectivity=8
             )
         order = torch.argsort(scores, descending=True)
         order = order[scores[order] >= self.score_threshold][: self.max_instances]
@@ -239,7 +239,7 @@ class MaskAttnPostProcessor:
 
         Returns:
             dict with the requested keys:
-            ``"sem_seg"``: (K, H, W) float class probabilities (bilinear);
+            ``"sem_seg"``: (K, H, W) float class logits (bilinear), detectron2's convention;
             ``"instances"``: ``Instances((H, W))`` with ``pred_masks`` (N, H, W) bool,
             ``pred_boxes`` (Boxes, XYXY absolute), ``pred_classes`` (N,) int64 contiguous ids
             and ``scores`` (N,) float, sorted by score;
@@ -248,23 +248,24 @@ class MaskAttnPostProcessor:
         self._check_inputs(sem_logits, head_outputs, output_size, instance_on or panoptic_on)
         output_size = (int(output_size[0]), int(output_size[1]))
         needs_segments = instance_on or panoptic_on
-        if needs_segments:
-            probs, sem = softmax_argmax_channels(sem_logits.float(), dim=0)
-        else:
-            probs = softmax_channels(sem_logits.float(), dim=0)
+        logits = sem_logits.float()
         results = {}
         if semantic_on:
-            if output_size == tuple(probs.shape[1:]):
-                results["sem_seg"] = probs  # bilinear resampling to the same size is the identity
+            # detectron2's convention (SemanticSegmentor, PanopticFPN): the logits, resized
+            # bilinearly; evaluators and visualizers take their argmax. No softmax of the
+            # K-class map: that pass was most of the post-processing time with 133 classes.
+            if output_size == tuple(logits.shape[1:]):
+                results["sem_seg"] = logits
             else:
                 results["sem_seg"] = F.interpolate(
-                    probs[None], size=output_size, mode="bilinear", align_corners=False
+                    logits[None], size=output_size, mode="bilinear", align_corners=False
                 )[0]
         if not needs_segments:
             return results
+        sem = argmax_channels(logits, dim=0)
         is_thing = self._is_thing(sem.device)
         instance_map, classes, scores = self._ranked_instance_map(
-            sem, probs, head_outputs, is_thing
+            sem, logits, head_outputs, is_thing
         )
         segment_map, segments_info, segment_ids = merge_instance_map(
             sem,
@@ -279,6 +280,7 @@ class MaskAttnPostProcessor:
         if self.upsample_thing_boundaries and output_size != tuple(segment_map.shape):
             num_things = sum(1 for info in segments_info if info["isthing"])
             # One product over the class maps instead of gathering the thing classes' maps.
+            probs = softmax_channels(logits, dim=0)
             thing_prob = (is_thing.to(probs.dtype) @ probs.flatten(1)).view(segment_map.shape)
             segment_map = upsample_segment_map(segment_map, num_things, thing_prob, output_size)
         else:
