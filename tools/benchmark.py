@@ -29,7 +29,7 @@ Measured for each model and device, every model in a fresh subprocess, at ``--si
   threads (fp32; on CUDA the autocast dtype), measured in every worker, the run's best taken;
 - latency (median over ``--iters`` runs after ``--warmup`` runs, milliseconds per batch) of
   the network forward and, separately, of the post-processing of the batch's images
-  (MaskAttn: ``model.postprocessor`` per image; Panoptic-DeepLab: its
+  (MaskAttn: the model's ``postprocess_batch``, per image; Panoptic-DeepLab: its
   ``get_panoptic_segmentation`` per image; Mask2Former: the image processor's
   ``post_process_panoptic_segmentation``). Normalisation is outside the timing;
 - peak memory: CUDA ``max_memory_allocated`` above the loaded model; CPU the increase of the

@@ -99,12 +99,12 @@ def postprocess_batch(
     the image's ``height``/``width`` (default: its input size). Used by
     :meth:`MaskAttnUNet.inference` and by the runtimes of the exported network."""
     results = []
-    for i, (logits, inputs) in enumerate(zip(sem_logits, batched_inputs)):
-        height = inputs.get("height", inputs["image"].shape[-2])
-        width = inputs.get("width", inputs["image"].shape[-1])
+    for i, inputs in enumerate(batched_inputs):
+        height = inputs["height"] if "height" in inputs else inputs["image"].shape[-2]
+        width = inputs["width"] if "width" in inputs else inputs["image"].shape[-1]
         results.append(
             postprocessor(
-                logits,
+                sem_logits[i],
                 {k: v[i] for k, v in head_outputs.items()} or None,
                 (int(height), int(width)),
                 semantic_on=semantic_on,

@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 from maskattn_d2 import add_maskattn_config
 from maskattn_d2.data import panoptic_to_targets
 from maskattn_d2.engine import NORM_KEYS
+from maskattn_d2.modeling.meta_arch import postprocess_batch
 
 from .runner import Runner
 
@@ -36,7 +37,8 @@ class MaskAttnRunner(Runner):
     """A MaskAttn-UNet config for the benchmark.
 
     Network: backbone + semantic head + embedding head on the normalised network-size input.
-    Post-processing: ``model.postprocessor`` (semantic, instances, panoptic) per image.
+    Post-processing: the model's batch path (``postprocess_batch``: semantic, instances,
+    panoptic per image).
     """
 
     def __init__(self, cfg, *, name: str):
@@ -61,19 +63,19 @@ class MaskAttnRunner(Runner):
         return self.model.run_network(inputs)
 
     def postprocess(self, outputs, image_size: Tuple[int, int]):
+        # The model's own batch path (MaskAttnUNet.inference), at the network size.
         model = self.model
         sem_logits, head_outputs = outputs
-        return [
-            model.postprocessor(
-                logits.float(),
-                {name: value[i].float() for name, value in head_outputs.items()},
-                image_size,
-                semantic_on=model.semantic_on,
-                instance_on=model.instance_on,
-                panoptic_on=model.panoptic_on,
-            )
-            for i, logits in enumerate(sem_logits)
-        ]
+        size = {"height": image_size[0], "width": image_size[1]}
+        return postprocess_batch(
+            model.postprocessor,
+            sem_logits.float(),
+            {name: value.float() for name, value in head_outputs.items()},
+            [size] * sem_logits.shape[0],
+            semantic_on=model.semantic_on,
+            instance_on=model.instance_on,
+            panoptic_on=model.panoptic_on,
+        )
 
     def training_loss(self, scenes) -> torch.Tensor:
         inputs = self._image_inputs(scenes)
