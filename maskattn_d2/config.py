@@ -164,7 +164,9 @@ def add_maskattn_config(cfg):
     cfg.MODEL.MASK_ATTN_POSTPROCESS.MAX_INSTANCES = 100
     # Stuff segments smaller than this many pixels (at network resolution) become void.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.STUFF_AREA = 16
-    # Instances with a score below this are dropped from "instances" and "panoptic_seg".
+    # Instances with a score below this are dropped from "instances" and "panoptic_seg" (their
+    # pixels become void). A score is the mean class probability over the instance's pixels,
+    # times its seed value ("spatial_embedding") or its cluster confidence ("embedding").
     cfg.MODEL.MASK_ATTN_POSTPROCESS.SCORE_THRESHOLD = 0.0
     # Segment id in "panoptic_seg" = class * LABEL_DIVISOR + instance index (from 1; 1 for a
     # stuff segment); must exceed MAX_INSTANCES.
