@@ -4,7 +4,7 @@
     python tools/instance_headroom.py --config-file configs/dsb2018_panoptic_128.yaml \
         --dataset dsb2018_panoptic_val MODEL.WEIGHTS output/dsb2018_panoptic_128/model_final.pth
 
-Evaluates the model on a panoptic dataset several times with the same weights, each time
+Runs the model once over a panoptic dataset and evaluates it in several rows, each
 replacing part of its network outputs by the ground truth at the network size (the panoptic
 PNG resized with the evaluators' pixel-centre nearest rule), then running the model's own
 postprocessor and detectron2's ``COCOPanopticEvaluator`` at the original image size:
@@ -29,7 +29,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from torch import nn
@@ -142,40 +141,59 @@ def oracle_logits(sem: torch.Tensor, predicted: torch.Tensor, ignore_label: int)
     return torch.where(valid[None], certain, predicted)
 
 
-class HeadroomModel(nn.Module):
-    """The trained model with parts of its network outputs replaced by the ground truth
-    before its postprocessor (``instance_method`` chosen per row)."""
+def substitute_ground_truth(
+    row: Tuple,
+    sem_logits: torch.Tensor,
+    heads: Dict[str, torch.Tensor],
+    targets: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    ignore_label: int,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Copies of a batch's network outputs with the parts ``row`` names replaced by the ground
+    truth ``targets`` (semantic, instance ids at the network size, one pair per image)."""
+    _, gt_semantics, _, gt_seeds, gt_offsets = row
+    sem_logits, heads = sem_logits.clone(), {k: v.clone() for k, v in heads.items()}
+    for i, (sem, instance_ids) in enumerate(targets):
+        if gt_semantics:
+            sem_logits[i] = oracle_logits(sem, sem_logits[i], ignore_label)
+        if gt_seeds:
+            heads["seed_logits"][i] = oracle_seed_logits(instance_ids.cpu()).to(sem_logits.device)
+        if gt_offsets:
+            heads["offsets"][i] = oracle_offsets(instance_ids, heads["offsets"][i])
+    return sem_logits, heads
 
-    def __init__(self, model: nn.Module, cfg, row: Tuple, thing_ids: Sequence[int]):
-        super().__init__()
-        self.model = model
-        _, self.gt_semantics, method, self.gt_seeds, self.gt_offsets = row
+
+def evaluate_rows(model: nn.Module, cfg, dataset: str, output_dir: str) -> List[Dict]:
+    """Panoptic metrics of every row of ROWS: one pass over the dataset (the network and the
+    ground truth once per image), each row with its own postprocessor and evaluator."""
+    thing_ids = thing_ids_from_config(cfg)
+    ignore_label = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    postprocessors, evaluators = [], []
+    for index, row in enumerate(ROWS):
         post_cfg = cfg.clone()
         post_cfg.defrost()
-        post_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = method
-        self.postprocessor = build_postprocessor(post_cfg, thing_ids)
-        self.thing_ids = list(thing_ids)
-        self.ignore_label = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
-
-    def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
-        sem_logits, heads = self.model.inference(batched_inputs, do_postprocess=False)
-        sem_logits, heads = sem_logits.clone(), {k: v.clone() for k, v in heads.items()}
+        post_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = row[2]
+        postprocessors.append(build_postprocessor(post_cfg, thing_ids))
+        evaluator = build_evaluator(cfg, dataset, os.path.join(output_dir, "eval", f"row{index}"))
+        evaluator.reset()
+        evaluators.append(evaluator)
+    loader = MaskAttnTrainer.build_test_loader(cfg, dataset)
+    for batched_inputs in loader:
+        sem_logits, heads = model.inference(batched_inputs, do_postprocess=False)
         size = tuple(sem_logits.shape[-2:])
-        for i, inputs in enumerate(batched_inputs):
-            sem, instance_ids = network_size_targets(
-                inputs, size, self.thing_ids, self.ignore_label
+        targets = [
+            tuple(t.to(sem_logits.device) for t in
+                  network_size_targets(inputs, size, thing_ids, ignore_label))
+            for inputs in batched_inputs
+        ]
+        for row, postprocessor, evaluator in zip(ROWS, postprocessors, evaluators):
+            row_logits, row_heads = substitute_ground_truth(
+                row, sem_logits, heads, targets, ignore_label
             )
-            sem, instance_ids = sem.to(sem_logits.device), instance_ids.to(sem_logits.device)
-            if self.gt_semantics:
-                sem_logits[i] = oracle_logits(sem, sem_logits[i], self.ignore_label)
-            if self.gt_seeds:
-                heads["seed_logits"][i] = oracle_seed_logits(instance_ids.cpu()).to(
-                    sem_logits.device
-                )
-            if self.gt_offsets:
-                heads["offsets"][i] = oracle_offsets(instance_ids, heads["offsets"][i])
-        return postprocess_batch(self.postprocessor, sem_logits, heads, batched_inputs,
-                                 semantic_on=False, instance_on=False, panoptic_on=True)
+            evaluator.process(batched_inputs, postprocess_batch(
+                postprocessor, row_logits, row_heads, batched_inputs,
+                semantic_on=False, instance_on=False, panoptic_on=True,
+            ))
+    return [evaluator.evaluate() for evaluator in evaluators]
 
 
 def setup(args):
@@ -220,14 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     model = build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS, allow_random=args.allow_random_weights)
     model.eval()
-    thing_ids = thing_ids_from_config(cfg)
     os.makedirs(args.output_dir, exist_ok=True)
     results = []
-    for row in ROWS:
-        wrapped = HeadroomModel(model, cfg, row, thing_ids)
-        loader = MaskAttnTrainer.build_test_loader(cfg, dataset)
-        folder = os.path.join(args.output_dir, "eval", f"row{len(results)}")
-        metrics = inference_on_dataset(wrapped, loader, build_evaluator(cfg, dataset, folder))
+    for row, metrics in zip(ROWS, evaluate_rows(model, cfg, dataset, args.output_dir)):
         pq = metrics["panoptic_seg"]
         results.append({
             "semantics": "ground truth" if row[1] else "predicted",

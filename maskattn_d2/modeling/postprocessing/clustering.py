@@ -255,8 +255,8 @@ def find_seeds(
         raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}.")
     masked = torch.where(allowed, seed_map, torch.full_like(seed_map, -1.0))
     pooled = _window_max(masked, kernel_size)
-    # Plateaus (equal neighbouring maxima) would give several seeds: keep the first in raster
-    # order by breaking ties with a tiny decreasing ramp.
+    # Every pixel of a plateau (equal neighbouring maxima) is a peak here; the pairs are
+    # resolved below, after the strongest peaks are chosen.
     flat = masked.flatten()
     peaks = allowed.flatten() & (flat >= pooled.flatten()) & (flat > threshold)
     candidates = torch.nonzero(peaks).squeeze(1)
@@ -270,8 +270,8 @@ def find_seeds(
         near = ((ys[:, None] - ys[None, :]).abs() <= kernel_size // 2) & (
             (xs[:, None] - xs[None, :]).abs() <= kernel_size // 2
         )
-        earlier_twin = (near & (values.index_select(0, order)[:, None]
-                                == values.index_select(0, order)[None, :])).tril(diagonal=-1)
+        seed_values = values.index_select(0, order)
+        earlier_twin = (near & (seed_values[:, None] == seed_values[None, :])).tril(diagonal=-1)
         seeds = seeds[~earlier_twin.any(dim=1)]
     return seeds
 
