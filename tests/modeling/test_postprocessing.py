@@ -16,6 +16,7 @@ from maskattn_d2.modeling.postprocessing import (
     segment_id_map,
 )
 from maskattn_d2.modeling.postprocessing.clustering import _greedy_suppression
+from maskattn_d2.modeling.postprocessing.components import _torch_components
 from maskattn_d2.layers import argmax_channels
 from maskattn_d2.structures import label_map_boxes
 
@@ -514,6 +515,25 @@ def test_label_map_components_match_scipy_per_value(device, connectivity):
     flat = labels.flatten()
     last = [np.flatnonzero(flat == k).max() for k in range(1, offset + 1)]
     assert last == sorted(last)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("num_values", [1, 3, 12])  # 12: past what OpenCV splits value by value
+def test_label_map_components_opencv_path_equals_torch_path(connectivity, num_values):
+    """On CPU the components come from OpenCV (CUDA: the torch path); both must give the same
+    labels, numbering included, also where values meet inside a foreground region."""
+    rng = np.random.RandomState(num_values)
+    for trial in range(20):
+        h, w = rng.randint(1, 48, size=2)
+        # Blocky maps (upsampled noise) so that regions of one value are large and touch.
+        coarse = rng.randint(0, num_values, (h // 4 + 1, w // 4 + 1))
+        label_map = torch.from_numpy(np.kron(coarse, np.ones((4, 4), dtype=np.int64))[:h, :w])
+        foreground = torch.from_numpy(rng.rand(h, w) < rng.uniform(0.3, 1.0))
+        expected = _torch_components(label_map, foreground, connectivity)
+        assert torch.equal(label_map_components(label_map, foreground, connectivity), expected)
+    scipy_reference = ndimage.label(foreground.numpy() & (label_map.numpy() == 0))[0]
+    if num_values == 1 and connectivity == 4:
+        assert _same_partition(expected.numpy(), scipy_reference)
 
 
 def test_label_map_boxes_match_detectron2_bitmask_boxes():
