@@ -534,6 +534,8 @@ def test_label_map_components_opencv_path_equals_torch_path(connectivity, num_va
     scipy_reference = ndimage.label(foreground.numpy() & (label_map.numpy() == 0))[0]
     if num_values == 1 and connectivity == 4:
         assert _same_partition(expected.numpy(), scipy_reference)
+    empty = torch.zeros(0, 5, dtype=torch.long)  # cv2 takes no empty image
+    assert label_map_components(empty, empty.bool(), connectivity).shape == (0, 5)
 
 
 def test_label_map_boxes_match_detectron2_bitmask_boxes():

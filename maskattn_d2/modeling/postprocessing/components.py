@@ -79,7 +79,7 @@ def label_map_components(
         )
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}.")
-    if label_map.device.type == "cpu":
+    if label_map.device.type == "cpu" and label_map.numel() > 0:
         return _opencv_components(label_map, foreground.bool(), connectivity)
     return _torch_components(label_map, foreground, connectivity)
 
