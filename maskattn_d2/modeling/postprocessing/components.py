@@ -164,8 +164,8 @@ def _split_by_value(
 ) -> Tuple[int, np.ndarray]:
     """Relabel the ``to_split`` pixels value by value (one cv2 pass per value of
     ``split_values``), then renumber all components 1..n by the raster order of their first
-    pixel. Returns the count (background included) and the (h, w) labels."""
-    labels = labels.copy()
+    pixel. Returns the count (background included) and the (h, w) labels (``labels`` is
+    relabelled in place)."""
     next_label = count
     for value in split_values:
         part_count, part = _opencv_labels(to_split & (values == value), connectivity)
