@@ -139,9 +139,12 @@ def _opencv_components(
     """
     values = label_map.flip(0, 1).numpy()
     inside = foreground.flip(0, 1).numpy()
-    count, labels = _opencv_labels(inside, connectivity)
     meet = _where_values_meet(values, inside, connectivity)
-    if meet.any():
+    values_meet = meet.any()
+    if values_meet and np.unique(values[meet]).size > _MAX_OPENCV_VALUES:
+        return _torch_components(label_map, foreground, connectivity)
+    count, labels = _opencv_labels(inside, connectivity)
+    if values_meet:
         to_split = np.zeros(count, dtype=bool)
         to_split[labels[meet]] = True
         to_split = to_split[labels]
