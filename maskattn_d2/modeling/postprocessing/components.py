@@ -108,21 +108,12 @@ def _opencv_labels(mask: np.ndarray, connectivity: int) -> Tuple[int, np.ndarray
     )
 
 
-def _where_values_meet(values: np.ndarray, inside: np.ndarray, connectivity: int) -> np.ndarray:
-    """(h, w) bool: inside pixels with an inside neighbour of another value."""
-    meet = np.zeros(values.shape, dtype=bool)
+def _values_meet(values: np.ndarray, inside: np.ndarray, connectivity: int) -> bool:
+    """True if two neighbouring inside pixels have different values."""
     shifts = [(np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :])]
     if connectivity == 8:
         shifts += [(np.s_[:-1, :-1], np.s_[1:, 1:]), (np.s_[:-1, 1:], np.s_[1:, :-1])]
-    for a, b in shifts:
-        edge = (values[a] != values[b]) & inside[a] & inside[b]
-        meet[a] |= edge
-        meet[b] |= edge
-    return meet
-
-
-# Past this many values to separate, cv2's one pass per value costs more than the torch path.
-_MAX_OPENCV_VALUES = 8
+    return any(((values[a] != values[b]) & inside[a] & inside[b]).any() for a, b in shifts)
 
 
 def _opencv_components(
@@ -132,55 +123,16 @@ def _opencv_components(
     :func:`label_map_components` on CPU with OpenCV: one pass over the map instead of a few
     rounds over every edge of the grid.
 
-    cv2 labels bool masks, so the foreground is labelled as a whole, and the components where
-    values meet (few once a model is trained) are labelled again value by value. The map is
-    rotated by 180 degrees so that cv2's numbering (raster order of each component's first
-    pixel) becomes the numbering by largest raster index.
+    cv2 labels bool masks, so this serves maps where no two foreground values touch (one
+    thing class, or things apart); elsewhere the torch path runs (labelling again value by
+    value was no faster). The map is rotated by 180 degrees so that cv2's numbering (raster
+    order of each component's first pixel) becomes the numbering by largest raster index.
     """
     values = label_map.flip(0, 1).numpy()
     inside = foreground.flip(0, 1).numpy()
-    meet = _where_values_meet(values, inside, connectivity)
-    values_meet = meet.any()
-    if values_meet and np.unique(values[meet]).size > _MAX_OPENCV_VALUES:
+    if _values_meet(values, inside, connectivity):
         return _torch_components(label_map, foreground, connectivity)
     count, labels = _opencv_labels(inside, connectivity)
-    if values_meet:
-        to_split = np.zeros(count, dtype=bool)
-        to_split[labels[meet]] = True
-        to_split = to_split[labels]
-        split_values = np.unique(values[to_split])
-        if split_values.size > _MAX_OPENCV_VALUES:
-            return _torch_components(label_map, foreground, connectivity)
-        count, labels = _split_by_value(values, labels, count, to_split, split_values, connectivity)
     # The k-th component met in the rotated raster has the k-th largest last pixel.
     renumbered = np.where(labels > 0, count - labels, 0)
     return torch.from_numpy(renumbered[::-1, ::-1].astype(np.int64))
-
-
-def _split_by_value(
-    values: np.ndarray,
-    labels: np.ndarray,
-    count: int,
-    to_split: np.ndarray,
-    split_values: np.ndarray,
-    connectivity: int,
-) -> Tuple[int, np.ndarray]:
-    """Relabel the ``to_split`` pixels value by value (one cv2 pass per value of
-    ``split_values``), then renumber all components 1..n by the raster order of their first
-    pixel. Returns the count (background included) and the (h, w) labels (``labels`` is
-    relabelled in place)."""
-    next_label = count
-    for value in split_values:
-        part_count, part = _opencv_labels(to_split & (values == value), connectivity)
-        inside = part > 0
-        labels[inside] = part[inside] + (next_label - 1)
-        next_label += part_count - 1
-    flat = torch.from_numpy(labels.ravel().astype(np.int64))
-    first = torch.full((next_label,), flat.numel(), dtype=torch.long).scatter_reduce_(
-        0, flat, torch.arange(flat.numel()), "amin"
-    )
-    first[0] = -1  # the background stays 0
-    used = first < flat.numel()
-    new_label = torch.empty_like(first)
-    new_label[torch.argsort(first)] = torch.arange(next_label)
-    return int(used.sum()), new_label.index_select(0, flat).view(labels.shape).numpy()
