@@ -1,6 +1,6 @@
-"""Connected components of label maps: OpenCV's single-pass labelling on CPU, hooking and
-pointer jumping in vectorised torch (no per-pixel Python loops) on CUDA; both number the
-components the same way."""
+"""Connected components of label maps: OpenCV's single-pass labelling on CPU where no two
+foreground values touch, hooking and pointer jumping in vectorised torch (no per-pixel Python
+loops) elsewhere and on CUDA; both number the components the same way."""
 import functools
 from typing import Tuple
 
