@@ -141,24 +141,42 @@ def oracle_logits(sem: torch.Tensor, predicted: torch.Tensor, ignore_label: int)
     return torch.where(valid[None], certain, predicted)
 
 
-def substitute_ground_truth(
-    row: Tuple,
+def ground_truth_outputs(
     sem_logits: torch.Tensor,
     heads: Dict[str, torch.Tensor],
     targets: Sequence[Tuple[torch.Tensor, torch.Tensor]],
     ignore_label: int,
+) -> List[Dict[str, torch.Tensor]]:
+    """Per image of a batch, the network outputs its ground truth ``targets`` (semantic,
+    instance ids at the network size) would give: ``"sem_logits"``, ``"seed_logits"`` and
+    ``"offsets"`` (computed once per image, shared by every row)."""
+    return [
+        {
+            "sem_logits": oracle_logits(sem, sem_logits[i], ignore_label),
+            "seed_logits": oracle_seed_logits(instance_ids.cpu()).to(sem_logits.device),
+            "offsets": oracle_offsets(instance_ids, heads["offsets"][i]),
+        }
+        for i, (sem, instance_ids) in enumerate(targets)
+    ]
+
+
+def substitute_ground_truth(
+    row: Tuple,
+    sem_logits: torch.Tensor,
+    heads: Dict[str, torch.Tensor],
+    oracles: Sequence[Dict[str, torch.Tensor]],
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Copies of a batch's network outputs with the parts ``row`` names replaced by the ground
-    truth ``targets`` (semantic, instance ids at the network size, one pair per image)."""
+    """Copies of a batch's network outputs with the parts ``row`` names replaced by the
+    ground truth's (:func:`ground_truth_outputs`)."""
     _, gt_semantics, _, gt_seeds, gt_offsets = row
     sem_logits, heads = sem_logits.clone(), {k: v.clone() for k, v in heads.items()}
-    for i, (sem, instance_ids) in enumerate(targets):
+    for i, oracle in enumerate(oracles):
         if gt_semantics:
-            sem_logits[i] = oracle_logits(sem, sem_logits[i], ignore_label)
+            sem_logits[i] = oracle["sem_logits"]
         if gt_seeds:
-            heads["seed_logits"][i] = oracle_seed_logits(instance_ids.cpu()).to(sem_logits.device)
+            heads["seed_logits"][i] = oracle["seed_logits"]
         if gt_offsets:
-            heads["offsets"][i] = oracle_offsets(instance_ids, heads["offsets"][i])
+            heads["offsets"][i] = oracle["offsets"]
     return sem_logits, heads
 
 
@@ -185,10 +203,9 @@ def evaluate_rows(model: nn.Module, cfg, dataset: str, output_dir: str) -> List[
                   network_size_targets(inputs, size, thing_ids, ignore_label))
             for inputs in batched_inputs
         ]
+        oracles = ground_truth_outputs(sem_logits, heads, targets, ignore_label)
         for row, postprocessor, evaluator in zip(ROWS, postprocessors, evaluators):
-            row_logits, row_heads = substitute_ground_truth(
-                row, sem_logits, heads, targets, ignore_label
-            )
+            row_logits, row_heads = substitute_ground_truth(row, sem_logits, heads, oracles)
             evaluator.process(batched_inputs, postprocess_batch(
                 postprocessor, row_logits, row_heads, batched_inputs,
                 semantic_on=False, instance_on=False, panoptic_on=True,
