@@ -2,7 +2,7 @@
 """GPU checks in one command: the CUDA tests, a short AMP training of the COCO-size model on
 synthetic data, and the benchmark in bfloat16; prints training and inference images/s.
 
-    python tools/gpu_check.py                       # on a machine with CUDA (~4-6 min, H100)
+    python tools/gpu_check.py                       # on a machine with CUDA (~3 min on one H200)
     python tools/gpu_check.py --device cpu          # tiny CPU run of the same steps (plumbing)
     python tools/gpu_check.py --dry-run             # print the commands only
 

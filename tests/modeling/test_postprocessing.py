@@ -125,10 +125,11 @@ def test_embedding_postprocessor_separates_touching_instances(device, method):
     for mask, category in zip(instances.pred_masks.cpu(), instances.pred_classes.tolist()):
         matched = max(range(len(gts)), key=lambda i: _iou(mask, gts[i]))
         assert category == OBJECTS[matched][0]
-    # Boxes are the masks' tight boxes; scores are sorted and in (0, 1].
-    assert torch.equal(
-        instances.pred_boxes.tensor, BitMasks(instances.pred_masks).get_bounding_boxes().tensor
-    )
+    # Boxes are the masks' tight boxes (on the masks' device; detectron2's reference returns
+    # CPU boxes); scores are sorted and in (0, 1].
+    boxes = instances.pred_boxes.tensor
+    assert boxes.device == instances.pred_masks.device
+    assert torch.equal(boxes.cpu(), BitMasks(instances.pred_masks).get_bounding_boxes().tensor)
     scores = instances.scores
     assert torch.all(scores[:-1] >= scores[1:]) and torch.all((scores > 0.5) & (scores <= 1))
     assert out["sem_seg"].shape == (5, *OUT)
