@@ -225,6 +225,14 @@ def add_maskattn_config(cfg):
     # "matching_ap" (opt-in: the DSB 2018 competition metric, mean over IoU thresholds
     # 0.5:0.05:0.95 of TP / (TP + FP + FN) per image, from the panoptic predictions).
     cfg.TEST.EVALUATORS = ["panoptic", "instance", "semantic"]
+    # Flip test-time augmentation (maskattn_d2.modeling.test_time_flips), in every inference of
+    # the PyTorch model (evaluation, demo, tools), not in the exported network: with
+    # TEST.AUG.ENABLED (detectron2's key), the network also sees the image flipped
+    # horizontally (TEST.AUG.FLIP, detectron2's key, default True) and / or vertically
+    # (TEST.AUG.VERTICAL_FLIP; with both, also flipped both ways) and its outputs are averaged:
+    # 2 or 4 times the network's cost. TEST.AUG.MIN_SIZES / MAX_SIZE are not used (the network
+    # size is fixed).
+    cfg.TEST.AUG.VERTICAL_FLIP = False
 
 
 def check_resize_mode(cfg) -> None:

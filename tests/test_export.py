@@ -122,6 +122,26 @@ def test_onnx_network_outputs_match_pytorch(exported, batch_size):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_onnxruntime_model_runs_the_configs_flips_like_pytorch(exported):
+    cfg, model, _, path = exported
+    flips = _cfg(SMALL, ["TEST.AUG.ENABLED", "True", "TEST.AUG.VERTICAL_FLIP", "True"])
+    flipped_model = build_model(flips).eval()
+    flipped_model.load_state_dict(model.state_dict())
+    ort_model = ONNXRuntimeModel(flips, path, num_threads=1)
+    assert ort_model.test_flips == flipped_model.test_flips == ("horizontal", "vertical", "both")
+    generator = torch.Generator().manual_seed(5)
+    inputs = [{"image": 255 * torch.rand(3, *cfg.INPUT.NETWORK_SIZE, generator=generator)}
+              for _ in range(2)]
+    want_logits, want_outputs = flipped_model.inference(inputs, do_postprocess=False)
+    got_logits, got_outputs = ort_model.inference(inputs, do_postprocess=False)
+    plain_logits, _ = model.inference(inputs, do_postprocess=False)
+    assert not torch.allclose(want_logits, plain_logits, atol=1e-3)  # the flips change them
+    for got, want in [(got_logits, want_logits)] + [
+        (got_outputs[k], want_outputs[k]) for k in want_outputs
+    ]:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
 def test_onnx_graph_has_dynamic_batch_folded_batchnorm_and_metadata(exported):
     cfg, model, ort_model, path = exported
     graph = onnx.load(path).graph

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import detectron2.data.transforms as T
 
 from ..modeling.meta_arch import build_postprocessor, postprocess_batch
+from ..modeling.test_time_flips import flip_views_from_config, run_with_flips
 from .export import read_onnx_metadata
 from .network import INPUT_NAME, SEM_LOGITS_NAME
 
@@ -85,6 +86,8 @@ class ONNXRuntimeModel:
         self.semantic_on = post.SEMANTIC_ON
         self.instance_on = post.INSTANCE_ON
         self.panoptic_on = post.PANOPTIC_ON
+        # TEST.AUG's flips, as the PyTorch model runs them (the exported network has none).
+        self.test_flips = flip_views_from_config(cfg)
 
     def _check_against_config(self, cfg) -> None:
         """The file's input, outputs and metadata agree with ``cfg``, else a ValueError that
@@ -145,8 +148,13 @@ class ONNXRuntimeModel:
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """As ``MaskAttnUNet.inference``: per-image output dicts, or with
-        ``do_postprocess=False`` the raw ``(sem_logits, head_outputs)``."""
-        sem_logits, head_outputs = self.run_network(self.preprocess_image(batched_inputs))
+        ``do_postprocess=False`` the raw ``(sem_logits, head_outputs)``; with TEST.AUG's
+        flips, averaged over them."""
+        images = self.preprocess_image(batched_inputs)
+        if self.test_flips:
+            sem_logits, head_outputs = run_with_flips(self.run_network, images, self.test_flips)
+        else:
+            sem_logits, head_outputs = self.run_network(images)
         if not do_postprocess:
             return sem_logits, head_outputs
         return postprocess_batch(

@@ -23,6 +23,7 @@ from .losses import (
     spatial_embedding_losses,
 )
 from .postprocessing import MaskAttnPostProcessor
+from .test_time_flips import flip_views_from_config, run_with_flips
 
 __all__ = [
     "MaskAttnUNet",
@@ -153,6 +154,7 @@ class MaskAttnUNet(nn.Module):
         semantic_on: bool = True,
         instance_on: bool = True,
         panoptic_on: bool = True,
+        test_flips: Sequence[str] = (),
     ):
         """
         Args:
@@ -175,6 +177,9 @@ class MaskAttnUNet(nn.Module):
                 spatial embeddings (when the embedding head predicts them), see
                 :func:`spatial_embedding_losses`.
             semantic_on, instance_on, panoptic_on: which outputs inference returns.
+            test_flips: flipped views averaged with the image at inference (test-time
+                augmentation, :func:`run_with_flips`): names among "horizontal", "vertical",
+                "both"; empty: none.
         """
         super().__init__()
         self.backbone = backbone
@@ -215,6 +220,7 @@ class MaskAttnUNet(nn.Module):
         self.semantic_on = semantic_on
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
+        self.test_flips = tuple(test_flips)
 
     @classmethod
     def from_config(cls, cfg):
@@ -248,6 +254,7 @@ class MaskAttnUNet(nn.Module):
             "semantic_on": post.SEMANTIC_ON,
             "instance_on": post.INSTANCE_ON,
             "panoptic_on": post.PANOPTIC_ON,
+            "test_flips": flip_views_from_config(cfg),
         }
 
     @property
@@ -329,7 +336,12 @@ class MaskAttnUNet(nn.Module):
         needs_instances = self.instance_on or self.panoptic_on
         # Connected components or semantic only: the embedding head is not read.
         with_head = not do_postprocess or self.postprocessor.needed_head_outputs(needs_instances)
-        sem_logits, head_outputs = self.run_network(images, with_head_outputs=with_head)
+        if self.test_flips:
+            sem_logits, head_outputs = run_with_flips(
+                lambda x: self.run_network(x, with_head_outputs=with_head), images, self.test_flips
+            )
+        else:
+            sem_logits, head_outputs = self.run_network(images, with_head_outputs=with_head)
         if not do_postprocess:
             return sem_logits, head_outputs
         return postprocess_batch(
