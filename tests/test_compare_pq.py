@@ -105,3 +105,14 @@ def test_registered_dataset_maskattn_only(compare_pq, tiny_pair, tmp_path):
     saved = json.loads((out / "compare_pq.json").read_text())
     assert saved["datasets"] == [f"{tiny_pair}_train", f"{tiny_pair}_val"]
     assert saved["args"]["models"] == ["maskattn"] and saved["rows"] == rows
+
+
+def test_rows_compare_single_pass_inference(compare_pq, tiny_pair, tmp_path):
+    """The DSB 256 config evaluates with flips; the comparison runs every row without them."""
+    config = REPO / "configs" / "dsb2018_panoptic_256.yaml"
+    args = compare_pq.get_parser().parse_args(
+        ["--config-file", str(config), "--output-dir", str(tmp_path)]
+    )
+    cfg = compare_pq.maskattn_config(args, f"{tiny_pair}_train", f"{tiny_pair}_val")
+    assert not cfg.TEST.AUG.ENABLED
+    assert cfg.INPUT.NETWORK_SIZE == (256, 256)  # the rest of the config is the file's

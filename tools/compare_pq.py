@@ -188,6 +188,9 @@ def maskattn_config(args, train_name: str, val_name: str):
     solver.CHECKPOINT_PERIOD = args.iters + 1
     cfg.TEST.EVALUATORS = ["panoptic"]
     cfg.TEST.PAPER_PROTOCOL = False
+    # One forward pass per image in every row: Panoptic-DeepLab runs without test-time
+    # augmentation here, so the config's flips (TEST.AUG) are off.
+    cfg.TEST.AUG.ENABLED = False
     cfg.OUTPUT_DIR = os.path.join(args.output_dir, "maskattn_unet")
     adapt_config_to_device(cfg)
     cfg.freeze()
