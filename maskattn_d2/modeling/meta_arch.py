@@ -23,7 +23,7 @@ from .losses import (
     spatial_embedding_losses,
 )
 from .postprocessing import MaskAttnPostProcessor
-from .test_time_flips import flip_views_from_config, run_with_flips
+from .test_time_flips import FLIP_VIEWS, flip_views_from_config, run_with_flips
 
 __all__ = [
     "MaskAttnUNet",
@@ -220,6 +220,11 @@ class MaskAttnUNet(nn.Module):
         self.semantic_on = semantic_on
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
+        unknown = [v for v in test_flips if v not in FLIP_VIEWS]
+        if unknown:
+            raise ValueError(
+                f"test_flips {unknown} unknown; expected names in {sorted(FLIP_VIEWS)}."
+            )
         self.test_flips = tuple(test_flips)
 
     @classmethod

@@ -69,6 +69,14 @@ def test_unknown_view_is_rejected():
         run_with_flips(_equivariant_network, torch.rand(1, 3, 4, 4), ("diagonal",))
 
 
+def test_model_rejects_an_unknown_flip_view():
+    from maskattn_d2.modeling.meta_arch import MaskAttnUNet
+
+    kwargs = MaskAttnUNet.from_config(small_cfg())
+    with pytest.raises(ValueError, match="test_flips.*transpose"):
+        MaskAttnUNet(**dict(kwargs, test_flips=("transpose",)))
+
+
 def test_flip_views_from_config_keys():
     cfg = small_cfg()
     assert flip_views_from_config(cfg) == ()  # detectron2's default: TEST.AUG disabled
