@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import build_dataset_mapper
+from ..data.batch_transfer import UnstackingLoader, stack_batch
 from ..data.datasets import lowres_train_config
 from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
@@ -253,7 +254,15 @@ class MaskAttnTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # DATASETS.TRAIN_LOWRES_SHORT_SIDE: read the small training copies (training only).
         cfg = lowres_train_config(cfg)
-        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+        mapper = build_dataset_mapper(cfg, is_train=True)
+        if cfg.DATALOADER.NUM_WORKERS == 0:
+            return build_detection_train_loader(cfg, mapper=mapper)
+        # Workers batch and stack the images and targets: one hand-off per tensor field and
+        # batch instead of per image (see maskattn_d2.data.batch_transfer). No aspect-ratio
+        # grouping: the model resizes every image to INPUT.NETWORK_SIZE.
+        return UnstackingLoader(build_detection_train_loader(
+            cfg, mapper=mapper, aspect_ratio_grouping=False, collate_fn=stack_batch
+        ))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
