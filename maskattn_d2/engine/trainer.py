@@ -255,14 +255,14 @@ class MaskAttnTrainer(DefaultTrainer):
         # DATASETS.TRAIN_LOWRES_SHORT_SIDE: read the small training copies (training only).
         cfg = lowres_train_config(cfg)
         mapper = build_dataset_mapper(cfg, is_train=True)
-        if cfg.DATALOADER.NUM_WORKERS == 0:
+        if cfg.DATALOADER.NUM_WORKERS == 0 or cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+            # detectron2's loader: with workers, each image crosses to this process alone.
             return build_detection_train_loader(cfg, mapper=mapper)
-        # Workers batch and stack the images and targets: one hand-off per tensor field and
-        # batch instead of per image (see maskattn_d2.data.batch_transfer). No aspect-ratio
-        # grouping: the model resizes every image to INPUT.NETWORK_SIZE.
-        return UnstackingLoader(build_detection_train_loader(
-            cfg, mapper=mapper, aspect_ratio_grouping=False, collate_fn=stack_batch
-        ))
+        # Without aspect-ratio grouping the workers batch and stack the images and targets: one
+        # hand-off per tensor field and batch (see maskattn_d2.data.batch_transfer).
+        return UnstackingLoader(
+            build_detection_train_loader(cfg, mapper=mapper, collate_fn=stack_batch)
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -1,6 +1,5 @@
 """Stacked training batches: the round trip keeps every field, and the trainer's loader with a
-worker yields what detectron2's loader of per-image dicts yields (without aspect-ratio grouping,
-which the stacked loader drops: the model resizes every image to the network size)."""
+worker and DATALOADER.ASPECT_RATIO_GROUPING off yields what detectron2's loader yields."""
 import numpy as np
 import pytest
 import torch
@@ -74,15 +73,16 @@ def test_trainer_loader_with_a_worker_equals_detectron2_per_image_loader(synthet
     add_maskattn_config(cfg)
     cfg.merge_from_list(["DATASETS.TRAIN", f"('{synthetic_pair}',)",
                          "DATALOADER.NUM_WORKERS", "1", "SOLVER.IMS_PER_BATCH", "3"])
+    # detectron2's default (grouping by aspect ratio) keeps detectron2's per-image loader.
+    assert not isinstance(MaskAttnTrainer.build_train_loader(cfg), UnstackingLoader)
+    cfg.DATALOADER.ASPECT_RATIO_GROUPING = False
     cfg.freeze()
     batches = {}
     for name in ("per_image", "stacked"):
         np.random.seed(0)  # the training sampler's seed (detectron2's shared random seed)
         torch.manual_seed(0)  # the worker's seed
         if name == "per_image":
-            loader = build_detection_train_loader(
-                cfg, mapper=build_dataset_mapper(cfg, True), aspect_ratio_grouping=False
-            )
+            loader = build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, True))
         else:
             loader = MaskAttnTrainer.build_train_loader(cfg)
             assert isinstance(loader, UnstackingLoader)
