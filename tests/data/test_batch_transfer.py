@@ -62,8 +62,7 @@ def synthetic_pair(tmp_path):
         MetadataCatalog.remove(name)
 
 
-def _seeded_batches(loader, count):
-    """The first ``count`` batches, with the sampler's and the workers' seeds fixed."""
+def _first_batches(loader, count):
     iterator = iter(loader)
     return [next(iterator) for _ in range(count)]
 
@@ -87,7 +86,7 @@ def test_trainer_loader_with_a_worker_equals_detectron2_per_image_loader(synthet
             loader = MaskAttnTrainer.build_train_loader(cfg)
             assert isinstance(loader, UnstackingLoader)
         torch.manual_seed(0)
-        batches[name] = _seeded_batches(loader, 3)
+        batches[name] = _first_batches(loader, 3)
     for want, got in zip(batches["per_image"], batches["stacked"]):
         assert [d["file_name"] for d in got] == [d["file_name"] for d in want]
         for g, w in zip(got, want):
