@@ -151,10 +151,7 @@ class ONNXRuntimeModel:
         ``do_postprocess=False`` the raw ``(sem_logits, head_outputs)``; with TEST.AUG's
         flips, averaged over them."""
         images = self.preprocess_image(batched_inputs)
-        if self.test_flips:
-            sem_logits, head_outputs = run_with_flips(self.run_network, images, self.test_flips)
-        else:
-            sem_logits, head_outputs = self.run_network(images)
+        sem_logits, head_outputs = run_with_flips(self.run_network, images, self.test_flips)
         if not do_postprocess:
             return sem_logits, head_outputs
         return postprocess_batch(

@@ -23,7 +23,7 @@ from .losses import (
     spatial_embedding_losses,
 )
 from .postprocessing import MaskAttnPostProcessor
-from .test_time_flips import FLIP_VIEWS, flip_views_from_config, run_with_flips
+from .test_time_flips import check_flip_views, flip_views_from_config, run_with_flips
 
 __all__ = [
     "MaskAttnUNet",
@@ -220,11 +220,7 @@ class MaskAttnUNet(nn.Module):
         self.semantic_on = semantic_on
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
-        unknown = [v for v in test_flips if v not in FLIP_VIEWS]
-        if unknown:
-            raise ValueError(
-                f"test_flips {unknown} unknown; expected names in {sorted(FLIP_VIEWS)}."
-            )
+        check_flip_views(test_flips)
         self.test_flips = tuple(test_flips)
 
     @classmethod
@@ -341,12 +337,9 @@ class MaskAttnUNet(nn.Module):
         needs_instances = self.instance_on or self.panoptic_on
         # Connected components or semantic only: the embedding head is not read.
         with_head = not do_postprocess or self.postprocessor.needed_head_outputs(needs_instances)
-        if self.test_flips:
-            sem_logits, head_outputs = run_with_flips(
-                lambda x: self.run_network(x, with_head_outputs=with_head), images, self.test_flips
-            )
-        else:
-            sem_logits, head_outputs = self.run_network(images, with_head_outputs=with_head)
+        sem_logits, head_outputs = run_with_flips(
+            lambda x: self.run_network(x, with_head_outputs=with_head), images, self.test_flips
+        )
         if not do_postprocess:
             return sem_logits, head_outputs
         return postprocess_batch(

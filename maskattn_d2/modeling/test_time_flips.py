@@ -12,7 +12,7 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-__all__ = ["FLIP_VIEWS", "flip_views_from_config", "run_with_flips"]
+__all__ = ["FLIP_VIEWS", "check_flip_views", "flip_views_from_config", "run_with_flips"]
 
 # The flipped views, each as the image dimensions (of a (B, C, h, w) batch) it flips.
 FLIP_VIEWS = {"horizontal": (3,), "vertical": (2,), "both": (2, 3)}
@@ -39,6 +39,15 @@ def flip_views_from_config(cfg) -> Tuple[str, ...]:
     return tuple(views)
 
 
+def check_flip_views(views: Sequence[str]) -> None:
+    """Reject names that are not in :data:`FLIP_VIEWS`."""
+    bad = [v for v in views if v not in FLIP_VIEWS]
+    if bad:
+        raise ValueError(
+            f"unknown flip views (test_flips) {bad}; expected names in {sorted(FLIP_VIEWS)}."
+        )
+
+
 def run_with_flips(
     run_network: Callable[[torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
     images: torch.Tensor,
@@ -51,14 +60,14 @@ def run_with_flips(
         run_network: (N, C, h, w) images -> (sem_logits (N, K, h, w), {name: (N, c, h, w)}),
             where an ``"offsets"`` output holds (dy, dx) in its two channels.
         images: (B, C, h, w) network input.
-        views: names in :data:`FLIP_VIEWS`.
+        views: names in :data:`FLIP_VIEWS`; none: ``run_network(images)`` alone.
 
     Returns:
         what ``run_network`` returns for ``images``, averaged over the views.
     """
-    bad = [v for v in views if v not in FLIP_VIEWS]
-    if bad:
-        raise ValueError(f"unknown flip views {bad}; expected names in {sorted(FLIP_VIEWS)}.")
+    check_flip_views(views)
+    if not views:
+        return run_network(images)
     dims = [()] + [FLIP_VIEWS[v] for v in views]
     batch = images.shape[0]
     flipped = [images if not d else images.flip(d) for d in dims]
