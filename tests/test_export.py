@@ -38,7 +38,7 @@ COCO_IMAGE_DIRS = [
     REPO / "datasets" / "coco_panoptic_val2017_mini" / "val2017",
     Path("/work/shared/data/coco_panoptic_val2017_mini/val2017"),
 ]
-OUTPUTS = ["sem_logits", "embeddings", "offsets", "seed_logits"]
+OUTPUTS = ["sem_logits_nhwc", "embeddings", "offsets", "seed_logits"]
 
 
 def _cfg(path: Path, opts=()):

@@ -11,8 +11,8 @@ reads the classes and post-processing from it).
 
 The exported network takes ``image``: float32 (batch, 3, h, w) pixels 0-255 in
 ``INPUT.FORMAT`` channel order at ``INPUT.NETWORK_SIZE`` (resize the image there, bilinear;
-normalisation is inside) -- any batch size -- and returns ``sem_logits`` (batch, K, h, w) and
-the embedding head's outputs (``embeddings``, ``offsets``, ``seed_logits``), the inputs of the
+normalisation is inside) -- any batch size -- and returns ``sem_logits_nhwc`` (batch, h, w, K:
+the class logits channels last) and the embedding head's outputs (``embeddings``, ``offsets``, ``seed_logits``), the inputs of the
 model's post-processor (``maskattn_d2.export.ONNXRuntimeModel`` runs both). BatchNorm is folded
 into the convolutions. After writing, the file is run (onnxruntime or TorchScript) on a random
 batch of 3 and compared with PyTorch; the export fails if they differ.
@@ -118,7 +118,8 @@ def verify(network: ExportableNetwork, path: str, fmt: str, cfg) -> Dict[str, fl
         if fmt == "onnx":
             runtime = ONNXRuntimeModel(cfg, path, num_threads=torch.get_num_threads())
             sem_logits, head_outputs = runtime.run_network(inputs)
-            actual = [sem_logits, *(head_outputs[n] for n in network.output_names[1:])]
+            actual = [sem_logits.permute(0, 2, 3, 1)]  # back to the file's (B, h, w, K)
+            actual += [head_outputs[n] for n in network.output_names[1:]]
         else:
             with warnings.catch_warnings():  # torch marks TorchScript deprecated
                 warnings.simplefilter("ignore", FutureWarning)

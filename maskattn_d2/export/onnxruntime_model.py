@@ -103,9 +103,12 @@ class ONNXRuntimeModel:
                 problems.append(f"network size {tuple(shape[2:])} but INPUT.NETWORK_SIZE is "
                                 f"{self.network_size}")
         if not self.output_names or self.output_names[0] != SEM_LOGITS_NAME:
-            problems.append(f"outputs {self.output_names}, expected '{SEM_LOGITS_NAME}' first")
+            problems.append(
+                f"outputs {self.output_names}, expected '{SEM_LOGITS_NAME}' first (a file "
+                "exported before the logits became channels last: export it again)"
+            )
         else:
-            classes = self.session.get_outputs()[0].shape[1]
+            classes = self.session.get_outputs()[0].shape[3]  # (batch, h, w, K)
             if classes != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
                 problems.append(f"{classes} classes but MODEL.SEM_SEG_HEAD.NUM_CLASSES is "
                                 f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}")
@@ -125,7 +128,8 @@ class ONNXRuntimeModel:
         array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         outputs = self.session.run(self.output_names, {INPUT_NAME: array})
         tensors = [torch.from_numpy(o) for o in outputs]
-        return tensors[0], dict(zip(self.output_names[1:], tensors[1:]))
+        # The logits arrive channels last: a (B, K, h, w) view, as the eager model's.
+        return tensors[0].permute(0, 3, 1, 2), dict(zip(self.output_names[1:], tensors[1:]))
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> torch.Tensor:
         """Every image resized (bilinear) to the network size: (B, C, h, w) float32 pixels."""

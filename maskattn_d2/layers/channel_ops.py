@@ -1,6 +1,7 @@
 """Reductions over the channel dimension of (..., K, H, W) maps, written for speed on CPU:
 torch's own ``argmax`` and ``F.normalize`` reduce over a non-innermost dimension with a
 strided loop there (10x slower than the elementwise forms below at (8, 6, 128, 128))."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -13,9 +14,12 @@ __all__ = [
 
 def argmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """
-    ``scores.argmax(dim)`` (the first maximal channel), computed on CPU as the largest
-    reversed channel index among the channels equal to the maximum. A position whose scores
-    are NaN gets channel K - 1. Other devices use ``argmax``.
+    ``scores.argmax(dim)`` (the first maximal channel) of a CPU map, fast in either memory
+    layout. Channels innermost (channels-last, e.g. a (K, h, w) view of an (h, w, K) map):
+    NumPy's vectorised row argmax (133 x 128 x 128: ~1 ms, torch's ~5 ms). Otherwise: the
+    largest reversed channel index among the channels equal to the maximum, elementwise
+    over whole channel planes. Positions whose scores are NaN get an unspecified channel.
+    Other devices use ``argmax``.
 
     Returns:
         int64 tensor of ``scores``' shape without ``dim``.
@@ -24,6 +28,12 @@ def argmax_channels(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return scores.argmax(dim=dim)
     dim = dim % scores.dim()
     num_channels = scores.shape[dim]
+    channels_last = scores.movedim(dim, -1)
+    if scores.dtype in (torch.float32, torch.float64) and channels_last.is_contiguous():
+        rows = channels_last.detach().reshape(-1, num_channels).numpy()
+        return torch.from_numpy(rows.argmax(axis=1).astype(np.int64, copy=False)).view(
+            channels_last.shape[:-1]
+        )
     # The narrowest integer type that holds the channel count keeps the product cheap.
     if num_channels < 2**8:
         dtype = torch.uint8

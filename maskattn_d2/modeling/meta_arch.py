@@ -365,8 +365,11 @@ class MaskAttnUNet(nn.Module):
             # every layer's input: ~25 % less time at batch 16 (128x128), the same at batch 1.
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
-        # Contiguous (B, K, h, w) outputs: the postprocessor reads each image's (K, h, w) maps.
-        sem_logits = self.sem_seg_head(features).float().contiguous()
+        # The logits stay in the layout the convolutions wrote (channels-last on CPU), which
+        # the postprocessor reads fastest with many classes (no copy of a 133-channel map);
+        # the embedding head's few channels are made contiguous, as the postprocessor reads
+        # them channel by channel.
+        sem_logits = self.sem_seg_head(features).float()
         if not with_head_outputs:
             return sem_logits, {}
         outputs = self.embed_head(features)

@@ -17,6 +17,21 @@ def test_argmax_channels_picks_the_first_maximum_like_torch(dim):
     assert torch.equal(argmax_channels(scores, dim=dim), scores.argmax(dim=dim))
 
 
+@pytest.mark.parametrize("num_channels", [3, 133])
+def test_argmax_channels_of_channels_last_maps_picks_the_first_maximum_like_torch(num_channels):
+    # Channels innermost (a (K, h, w) view of (h, w, K), or a channels-last batch) take the
+    # row-wise path; ties must still go to the first channel.
+    g = torch.Generator().manual_seed(num_channels)
+    rows = torch.randint(0, 3, (9, 11, num_channels), generator=g).float()
+    view = rows.permute(2, 0, 1)
+    assert torch.equal(argmax_channels(view, dim=0), view.argmax(dim=0))
+    batch = torch.randn(2, num_channels, 9, 11, generator=g).contiguous(
+        memory_format=torch.channels_last
+    )
+    assert torch.equal(argmax_channels(batch, dim=1), batch.argmax(dim=1))
+    assert argmax_channels(batch, dim=1).dtype == torch.int64
+
+
 def test_l2_normalize_channels_equals_f_normalize_in_value_and_gradient():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 8, 5, 4, generator=g)

@@ -109,6 +109,26 @@ def _check_panoptic_consistency(panoptic, segments_info, size):
 
 
 # ------------------------------------------------------------------ full postprocessor
+@pytest.mark.parametrize("num_classes", [5, 40])
+def test_postprocessor_gives_the_same_outputs_for_channels_last_logits(num_classes):
+    # The network's logits come channels last on CPU (eager and onnxruntime); with many
+    # classes the postprocessor reduces them as per-pixel rows, with few as channel planes.
+    logits, outputs = _scene("cpu")
+    extra = torch.full((num_classes - 5, *NET), -20.0)  # classes no pixel takes
+    planes = torch.cat([logits, extra]).contiguous()
+    channels_last = planes.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    assert channels_last.stride(0) == 1
+    post = MaskAttnPostProcessor(num_classes=num_classes, thing_ids=THING_IDS, stuff_area=16)
+    want, got = post(planes, outputs, OUT), post(channels_last, outputs, OUT)
+    assert torch.equal(got["panoptic_seg"][0], want["panoptic_seg"][0])
+    assert [{k: v for k, v in s.items() if k != "score"} for s in got["panoptic_seg"][1]] == [
+        {k: v for k, v in s.items() if k != "score"} for s in want["panoptic_seg"][1]
+    ]
+    torch.testing.assert_close(got["instances"].scores, want["instances"].scores)
+    assert torch.equal(got["instances"].pred_masks, want["instances"].pred_masks)
+    torch.testing.assert_close(got["sem_seg"], want["sem_seg"])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["spatial_embedding", "embedding"])
 def test_embedding_postprocessor_separates_touching_instances(device, method):
@@ -134,8 +154,9 @@ def test_embedding_postprocessor_separates_touching_instances(device, method):
     assert torch.all(scores[:-1] >= scores[1:]) and torch.all((scores > 0.5) & (scores <= 1))
     assert out["sem_seg"].shape == (5, *OUT)
     # detectron2's convention: the logits, resized bilinearly to the output size.
+    # (Equal up to float rounding: the resize may run in another memory layout.)
     resized = F.interpolate(logits[None], size=OUT, mode="bilinear", align_corners=False)[0]
-    assert torch.allclose(out["sem_seg"], resized)
+    torch.testing.assert_close(out["sem_seg"], resized)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -29,7 +29,7 @@ def _mean_class_probability(
 
     Args:
         instance_map: (h * w,) int64, instance index in [0, M) or -1 for none.
-        logits: (K, h, w) class logits.
+        logits: (K, h, w) class logits, channel planes or channels-last (a view of (h, w, K)).
         classes: (M,) int64 class of each instance.
 
     Returns:
@@ -38,9 +38,17 @@ def _mean_class_probability(
     num_instances = classes.numel()
     pixels = torch.nonzero(instance_map >= 0).squeeze(1)
     instance = instance_map.index_select(0, pixels)
-    pixel_logits = logits.flatten(1).index_select(1, pixels).float()
-    chosen = pixel_logits.gather(0, classes.index_select(0, instance)[None])[0]
-    pixel_prob = (chosen - torch.logsumexp(pixel_logits, dim=0)).exp_()
+    pixel_class = classes.index_select(0, instance)
+    channels_last = logits.permute(1, 2, 0)
+    if channels_last.is_contiguous():
+        # One contiguous row of K logits per pixel: gather rows, reduce along them.
+        pixel_logits = channels_last.reshape(-1, logits.shape[0]).index_select(0, pixels).float()
+        chosen = pixel_logits.gather(1, pixel_class[:, None])[:, 0]
+        pixel_prob = (chosen - torch.logsumexp(pixel_logits, dim=1)).exp_()
+    else:
+        pixel_logits = logits.flatten(1).index_select(1, pixels).float()
+        chosen = pixel_logits.gather(0, pixel_class[None])[0]
+        pixel_prob = (chosen - torch.logsumexp(pixel_logits, dim=0)).exp_()
     prob_sum = pixel_prob.new_zeros(num_instances).index_add_(0, instance, pixel_prob)
     areas = torch.bincount(instance, minlength=num_instances)
     return prob_sum / areas.clamp(min=1)

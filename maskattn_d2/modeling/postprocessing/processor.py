@@ -252,7 +252,7 @@ class MaskAttnPostProcessor:
                 num_things = sum(1 for info in segments_info if info["isthing"])
                 # One product over the class maps instead of gathering the thing classes' maps.
                 probs = softmax_channels(logits, dim=0)
-                thing_prob = (is_thing.to(probs.dtype) @ probs.flatten(1)).view(segment_map.shape)
+                thing_prob = probs.permute(1, 2, 0) @ is_thing.to(probs.dtype)
                 segment_map = upsample_segment_map(segment_map, num_things, thing_prob, output_size)
             else:
                 segment_map = resize_label_map(segment_map, output_size)
@@ -274,7 +274,8 @@ class MaskAttnPostProcessor:
     ) -> Dict:
         """
         Args:
-            sem_logits: (K, h, w) semantic logits at network resolution.
+            sem_logits: (K, h, w) semantic logits at network resolution, in any memory
+                layout (with many classes a channels-last view of (h, w, K) is faster).
             head_outputs: the embedding head's outputs of this image at network resolution:
                 ``"embeddings"`` (D, h, w) and, for "spatial_embedding", ``"offsets"``
                 (2, h, w) and ``"seed_logits"`` (1, h, w); may be None with
@@ -294,6 +295,11 @@ class MaskAttnPostProcessor:
         output_size = (int(output_size[0]), int(output_size[1]))
         needs_segments = instance_on or panoptic_on
         logits = sem_logits.float()
+        if logits.shape[0] <= self._PLANES_MAX_CLASSES:
+            # Few classes: whole channel planes are faster to reduce than short per-pixel
+            # rows, and copying a channels-last map into planes is cheap. Many classes stay
+            # as given: on channels-last maps the argmax and the scores read contiguous rows.
+            logits = logits.contiguous()
         results = {}
         if semantic_on:
             # detectron2's convention (SemanticSegmentor, PanopticFPN): the logits, resized
@@ -326,6 +332,10 @@ class MaskAttnPostProcessor:
                 output_size,
             )
         return results
+
+    # Up to this many classes the logits are reduced as channel planes (see __call__); the
+    # crossover of the two layouts' argmax on CPU lies between 21 and 133 classes.
+    _PLANES_MAX_CLASSES = 32
 
     # The embedding head outputs each instance method needs, with their channel counts
     # (None: any).
