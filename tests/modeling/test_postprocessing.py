@@ -551,10 +551,11 @@ def _pixels_apart(label_map):
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
-@pytest.mark.parametrize("num_values", [1, 3])
+@pytest.mark.parametrize("num_values", [1, 3, 12])
 def test_label_map_components_opencv_path_equals_torch_path(connectivity, num_values):
-    """On CPU the components come from OpenCV where no two foreground values touch (else, and
-    on CUDA, from the torch path); both must give the same labels, numbering included."""
+    """On CPU the components come from OpenCV (all values in one pass where no two foreground
+    values touch, value by value for up to 8 values; more, and on CUDA, the torch path); all
+    must give the same labels, numbering included."""
     rng = np.random.RandomState(num_values)
     for trial in range(20):
         h, w = rng.randint(1, 48, size=2)
