@@ -224,6 +224,21 @@ def test_onnxruntime_model_rejects_a_file_of_another_config(exported, tmp_path):
         ONNXRuntimeModel(cfg, str(tmp_path / "junk.onnx"))
 
 
+def test_onnxruntime_model_asks_to_export_again_a_file_with_planar_logits(exported, tmp_path):
+    # Files written before the logits became channels last name them "sem_logits".
+    onnx = pytest.importorskip("onnx")
+    cfg, _, _, path = exported
+    model = onnx.load(path)
+    old_name = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["sem_logits" if name == old_name else name for name in node.output]
+    model.graph.output[0].name = "sem_logits"
+    legacy = str(tmp_path / "legacy.onnx")
+    onnx.save(model, legacy)
+    with pytest.raises(ValueError, match="export it again"):
+        ONNXRuntimeModel(cfg, legacy)
+
+
 # --------------------------------------------------------------------------- the tool
 @pytest.fixture(scope="module")
 def export_tool():
