@@ -40,15 +40,17 @@ def _mean_class_probability(
     instance = instance_map.index_select(0, pixels)
     pixel_class = classes.index_select(0, instance)
     channels_last = logits.permute(1, 2, 0)
+    # Gather and reduce along the layout's contiguous axis: per-pixel rows of K logits
+    # (channels last) or, from channel planes, a (K, n) block reduced over its first axis.
     if channels_last.is_contiguous():
-        # One contiguous row of K logits per pixel: gather rows, reduce along them.
-        pixel_logits = channels_last.reshape(-1, logits.shape[0]).index_select(0, pixels).float()
-        chosen = pixel_logits.gather(1, pixel_class[:, None])[:, 0]
-        pixel_prob = (chosen - torch.logsumexp(pixel_logits, dim=1)).exp_()
+        class_dim = 1
+        pixel_logits = channels_last.reshape(-1, logits.shape[0]).index_select(0, pixels)
     else:
-        pixel_logits = logits.flatten(1).index_select(1, pixels).float()
-        chosen = pixel_logits.gather(0, pixel_class[None])[0]
-        pixel_prob = (chosen - torch.logsumexp(pixel_logits, dim=0)).exp_()
+        class_dim = 0
+        pixel_logits = logits.flatten(1).index_select(1, pixels)
+    pixel_logits = pixel_logits.float()
+    chosen = pixel_logits.gather(class_dim, pixel_class.unsqueeze(class_dim)).squeeze(class_dim)
+    pixel_prob = (chosen - torch.logsumexp(pixel_logits, dim=class_dim)).exp_()
     prob_sum = pixel_prob.new_zeros(num_instances).index_add_(0, instance, pixel_prob)
     areas = torch.bincount(instance, minlength=num_instances)
     return prob_sum / areas.clamp(min=1)
