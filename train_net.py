@@ -13,6 +13,10 @@ Options added to detectron2's:
 
 - ``--register-module MODULE``: import MODULE (a ``.py`` path or a module name) in every
   worker process before anything else, e.g. to register the user's datasets (repeatable).
+- ``--onnx-model FILE``: with ``--eval-only``, evaluate a network written by
+  ``tools/export_model.py`` (``model.onnx`` or ``model_int8.onnx``, run by onnxruntime on CPU
+  with the config's post-processing) instead of MODEL.WEIGHTS; give the config.yaml written
+  next to it.
 - ``--allow-random-weights``: let ``--eval-only`` evaluate a model whose weights are missing
   (no MODEL.WEIGHTS) or only partly loaded (a checkpoint of another architecture); without
   it that is an error naming the missing / mismatched parameters.
@@ -46,6 +50,11 @@ def get_parser():
         "registers your datasets; repeatable",
     )
     parser.add_argument(
+        "--onnx-model", default=None, metavar="FILE",
+        help="with --eval-only: evaluate this exported network (tools/export_model.py) with "
+        "onnxruntime instead of the PyTorch model",
+    )
+    parser.add_argument(
         "--allow-random-weights", action="store_true",
         help="with --eval-only: evaluate even if MODEL.WEIGHTS is empty or does not fit the "
         "model (those parameters stay randomly initialised); without it that is an error",
@@ -68,8 +77,17 @@ def setup(args):
 def main(args):
     # Each worker is a new process: the user's registrations must run in it.
     import_user_modules(getattr(args, "register_module", []))
+    onnx_model = getattr(args, "onnx_model", None)
+    if onnx_model and not args.eval_only:
+        raise ValueError("--onnx-model evaluates an exported network: add --eval-only.")
     cfg = setup(args)
-    if args.eval_only:
+    if args.eval_only and onnx_model:
+        from maskattn_d2.export import ONNXRuntimeModel  # onnxruntime: an optional extra
+
+        results = MaskAttnTrainer.test(cfg, ONNXRuntimeModel(cfg, onnx_model))
+        if comm.is_main_process():
+            verify_results(cfg, results)
+    elif args.eval_only:
         model = MaskAttnTrainer.build_model(cfg)
         load_inference_weights(
             model,

@@ -81,24 +81,40 @@ def test_benchmark_onnxruntime_rows(benchmark, tmp_path):
     pytest.importorskip("onnxruntime")
     results = benchmark.main(
         ["--configs", str(QUICK), "--models", "synthetic_instant_test", "panoptic_deeplab_r50",
-         "--backends", "onnxruntime", "--size", "64", "64", "--batch-sizes", "1", "2",
+         "--backends", "onnxruntime", "onnxruntime_int8", "--size", "64", "64",
+         "--batch-sizes", "1", "2",
          "--iters", "2", "--warmup", "1", "--no-train", "--no-flops", "--threads", "1",
          "--devices", "cpu", "--output-dir", str(tmp_path)]
     )
     # onnxruntime rows are for the MaskAttn configs only: the peer is left out.
     assert [(r["name"], r["backend"]) for r in results] == [
-        ("synthetic_instant_test", "onnxruntime")
+        ("synthetic_instant_test", "onnxruntime"), ("synthetic_instant_test", "onnxruntime_int8")
     ]
-    result = results[0]
-    assert result["status"] == "ok", result
-    assert "train" not in result and result["params_m"] > 0
-    for batch in ("1", "2"):
-        assert result["latency"][batch]["network_ms"] > 0
-        assert result["latency"][batch]["postprocess_ms"] > 0
+    for result in results:
+        assert result["status"] == "ok", result
+        assert "train" not in result and result["params_m"] > 0
+        for batch in ("1", "2"):
+            assert result["latency"][batch]["network_ms"] > 0
+            assert result["latency"][batch]["postprocess_ms"] > 0
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["environment"]["onnxruntime"]
     table = (tmp_path / "benchmark.md").read_text()
     assert "| synthetic_instant_test | cpu | onnxruntime |" in table
+    assert "| synthetic_instant_test | cpu | onnxruntime_int8 |" in table
+
+
+def test_onnxruntime_int8_runner_runs_the_quantized_copy(benchmark):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    args = benchmark.get_parser().parse_args(["--configs", str(QUICK), "--size", "64", "64"])
+    cfg = benchmark.maskattn_config(str(QUICK), args, "cpu")
+    runner = benchmark.ONNXRuntimeRunner(cfg, name="quick", threads=1, int8=True)
+    assert runner.runtime.onnx_path.endswith("model_int8.onnx")
+    kinds = {n.op_type for n in onnx.load(runner.runtime.onnx_path).graph.node}
+    assert "DequantizeLinear" in kinds
+    outputs = runner.postprocess(runner.network(runner.prepare(synthetic_scenes(1, (64, 64)))),
+                                 (64, 64))
+    assert outputs[0]["panoptic_seg"][0].shape == (64, 64)
 
 
 def test_onnxruntime_runner_feeds_the_postprocessor_like_the_torch_runner(benchmark):

@@ -17,7 +17,9 @@ onnxruntime`` adds, for every config on CPU, a row of its network exported to ON
 (:func:`maskattn_d2.export.export_onnx`, same random weights) and run by onnxruntime with
 ``--threads`` intra-op threads (:class:`maskattn_d2.export.ONNXRuntimeModel`); its input is the
 resized pixels (normalisation is inside the graph, so inside the timing) and its outputs go
-through the same post-processing; it has no training measurement.
+through the same post-processing; it has no training measurement. ``onnxruntime_int8`` is the
+same with the file's INT8 copy (convolutions quantized, calibrated on 16 other synthetic
+scenes; ``tools/export_model.py --int8``); same FLOPs, counted as multiply-adds of any type.
 
 Measured for each model and device, every model in a fresh subprocess, at ``--size``:
 
@@ -82,7 +84,7 @@ from benchmarking.scenes import synthetic_scenes
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = sorted(str(p) for p in (REPO / "configs" / "variants").glob("*.yaml"))
 PEER_NAMES = ("panoptic_deeplab_r50", "mask2former_swin_t", "mask2former_r50")
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime_int8")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -114,7 +116,8 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backends", nargs="+", default=["torch"], choices=BACKENDS,
-        help="torch: eager PyTorch; onnxruntime: the exported network (MaskAttn configs, CPU)",
+        help="torch: eager PyTorch; onnxruntime: the exported network (MaskAttn configs, CPU); "
+        "onnxruntime_int8: its INT8 copy",
     )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
@@ -178,12 +181,12 @@ def model_names(args) -> List[str]:
 def build_runner(name: str, args, device: str, backend: str = "torch"):
     """The :class:`~benchmarking.runner.Runner` of a model name of this run."""
     stems = {Path(p).stem: p for p in args.configs}
-    if backend == "onnxruntime":
+    if backend != "torch":
         if name not in stems or device != "cpu":
-            raise ValueError(f"--backends onnxruntime: MaskAttn configs on cpu only, not {name} "
+            raise ValueError(f"--backends {backend}: MaskAttn configs on cpu only, not {name} "
                              f"on {device}")
         return ONNXRuntimeRunner(maskattn_config(stems[name], args, device), name=name,
-                                 threads=args.threads)
+                                 threads=args.threads, int8=backend == "onnxruntime_int8")
     if name in stems:
         return MaskAttnRunner(maskattn_config(stems[name], args, device), name=name)
     reference = maskattn_config(args.configs[0], args, device)
@@ -612,7 +615,7 @@ def environment(args, devices: Sequence[str]) -> Dict:
         env["transformers"] = transformers.__version__
     except ImportError:
         env["transformers"] = None
-    if "onnxruntime" in args.backends:
+    if set(args.backends) - {"torch"}:
         try:
             import onnxruntime
 
@@ -681,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     for name in names:
         for device in devices:
             for backend in args.backends:
-                if backend == "onnxruntime" and (name not in config_names or device != "cpu"):
+                if backend != "torch" and (name not in config_names or device != "cpu"):
                     continue  # onnxruntime rows: MaskAttn configs on CPU
                 print(f"[benchmark] {name} on {device} ({backend}) ...", flush=True)
                 result = run_worker(name, device, argv, backend)

@@ -5,6 +5,11 @@ import tempfile
 import torch
 
 from .maskattn import MaskAttnRunner
+from .scenes import synthetic_scenes
+
+# INT8 calibration images: synthetic scenes other than the timed ones (another seed).
+CALIBRATION_SCENES = 16
+CALIBRATION_SEED = 12345
 
 __all__ = ["ONNXRuntimeRunner"]
 
@@ -13,12 +18,14 @@ class ONNXRuntimeRunner(MaskAttnRunner):
     """A MaskAttn-UNet config whose network is exported to ONNX and run by onnxruntime.
 
     Network: the exported file on the resized pixels (normalisation inside), ``threads``
-    intra-op threads. Post-processing: the same as :class:`MaskAttnRunner`.
+    intra-op threads; with ``int8``, its copy with INT8 convolutions
+    (:func:`maskattn_d2.export.quantize.quantize_int8`, calibrated on synthetic scenes).
+    Post-processing: the same as :class:`MaskAttnRunner`.
     """
 
     trains = False  # onnxruntime runs inference only
 
-    def __init__(self, cfg, *, name: str, threads: int):
+    def __init__(self, cfg, *, name: str, threads: int, int8: bool = False):
         from maskattn_d2.export import (
             ExportableNetwork,
             ONNXRuntimeModel,
@@ -32,6 +39,15 @@ class ONNXRuntimeRunner(MaskAttnRunner):
         path = os.path.join(self._tmp.name, "model.onnx")
         export_onnx(self.exportable, path, metadata=network_metadata(cfg, self.exportable))
         self.runtime = ONNXRuntimeModel(cfg, path, num_threads=threads)
+        if int8:
+            from maskattn_d2.export.quantize import quantize_int8
+
+            scenes = synthetic_scenes(
+                CALIBRATION_SCENES, self.runtime.network_size, seed=CALIBRATION_SEED
+            )
+            int8_path = os.path.join(self._tmp.name, "model_int8.onnx")
+            quantize_int8(path, int8_path, [self.prepare(scenes).numpy()])
+            self.runtime = ONNXRuntimeModel(cfg, int8_path, num_threads=threads)
 
     def prepare(self, scenes) -> torch.Tensor:
         return self.runtime.preprocess_image(self._image_inputs(scenes))
