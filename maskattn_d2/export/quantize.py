@@ -1,14 +1,18 @@
 """Post-training static INT8 quantization of an exported network (onnxruntime).
 
 The convolutions take ~60 % of the network's CPU time; they run in INT8 (per-channel weights,
-uint8 activations with ranges calibrated on real images), everything else stays float32.
-Measured on the 2-core AMD EPYC (AVX2, no VNNI) of this project's CI, the paper-size network
-runs ~1.25x faster at batch 1 and ~1.3x at batch 16 (README, "Export and onnxruntime").
-Two kinds of convolution stay float32 because the outputs depend on them most and they cost
-little: the first (it reads the pixels, normalisation folded in) and every convolution with no
-convolution after it (the predictors of the class logits, offsets, seeds and embeddings).
-Quantizing the attention's matmuls and softmax as well was slower (onnxruntime's int8
-softmax is ~6x its float one) and no more accurate.
+uint8 activations with ranges calibrated on real images), with the ReLUs and max-pools
+between them, so that a chain of convolutions stays in integers (onnxruntime folds each ReLU
+into the convolution's output range). Everything else (attention, normalisation, resizing)
+stays float32: quantizing the attention's matmuls and softmax too was slower (onnxruntime's
+int8 softmax is ~6x its float one). Two kinds of convolution stay float32 because the outputs
+depend on them most and they cost little: the first (it reads the pixels, normalisation
+folded in) and every convolution with no convolution after it (the predictors of the class
+logits, offsets, seeds and embeddings).
+
+Measured on the 2-core AMD EPYC (AVX2, no VNNI) of this project's CI: the paper-size network
+~1.25x faster at batch 1 and ~1.3x at batch 16; PQ on DSB 2018 and the synthetic scenes within
+0.3 of the float network's (README, "Export and onnxruntime").
 """
 import logging
 import os
@@ -21,7 +25,7 @@ from .network import INPUT_NAME
 
 __all__ = ["QUANTIZED_OP_TYPES", "float_boundary_convolutions", "quantize_int8"]
 
-QUANTIZED_OP_TYPES = ("Conv",)
+QUANTIZED_OP_TYPES = ("Conv", "Relu", "MaxPool")
 logger = logging.getLogger(__name__)
 
 

@@ -1,4 +1,5 @@
 """MaskAttn-UNet's network exported to ONNX and run by onnxruntime, in the benchmark."""
+import multiprocessing
 import os
 import tempfile
 
@@ -46,7 +47,10 @@ class ONNXRuntimeRunner(MaskAttnRunner):
                 CALIBRATION_SCENES, self.runtime.network_size, seed=CALIBRATION_SEED
             )
             int8_path = os.path.join(self._tmp.name, "model_int8.onnx")
-            quantize_int8(path, int8_path, [self.prepare(scenes).numpy()])
+            # In a child process: calibration's peak memory is not the network's (the
+            # benchmark reports this process's peak RSS).
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                pool.apply(quantize_int8, (path, int8_path, [self.prepare(scenes).numpy()]))
             self.runtime = ONNXRuntimeModel(cfg, int8_path, num_threads=threads)
 
     def prepare(self, scenes) -> torch.Tensor:
