@@ -103,6 +103,51 @@ def test_benchmark_onnxruntime_rows(benchmark, tmp_path):
     assert "| synthetic_instant_test | cpu | onnxruntime_int8 |" in table
 
 
+def _round(network_ms, postprocess_ms, memory, status="ok"):
+    return {"name": "m", "device": "cpu", "status": status, "wall_s": 1.0,
+            "latency": {"1": {"network_ms": network_ms, "postprocess_ms": postprocess_ms,
+                              "network_s": [network_ms / 1000], "postprocess_s": [0.0]}},
+            "peak_memory_mb": {"1": memory}, "gemm_peak_gflop_s": network_ms}
+
+
+def test_combine_rounds_takes_each_latency_median_over_rounds(benchmark):
+    rounds = [_round(90.0, 9.0, 40.0), _round(70.0, 12.0, 45.0), _round(80.0, 10.0, 41.0)]
+    combined = benchmark.combine_rounds(rounds)
+    latency = combined["latency"]["1"]
+    assert (latency["network_ms"], latency["postprocess_ms"]) == (80.0, 10.0)
+    assert latency["network_s"] == [0.09, 0.07, 0.08]  # every timed run kept
+    assert combined["peak_memory_mb"]["1"] == 45.0 and combined["gemm_peak_gflop_s"] == 90.0
+    assert combined["wall_s"] == 3.0
+    assert [r["1"]["network_ms"] for r in combined["rounds"]] == [90.0, 70.0, 80.0]
+    assert rounds[0]["latency"]["1"]["network_ms"] == 90.0  # the inputs are left as they were
+    assert benchmark.combine_rounds(rounds[:1]) is rounds[0]
+    failed = _round(1.0, 1.0, 1.0, status="failed: boom")
+    assert benchmark.combine_rounds([rounds[0], failed])["status"] == "failed: boom"
+
+
+def test_benchmark_rounds_measure_every_model_in_turn(benchmark, tmp_path):
+    results = benchmark.main(
+        ["--configs", str(QUICK), "--models", "synthetic_instant_test", "--rounds", "2",
+         "--size", "64", "64", "--batch-sizes", "1", "--iters", "1", "--warmup", "0",
+         "--no-train", "--no-flops", "--threads", "1", "--devices", "cpu",
+         "--output-dir", str(tmp_path)]
+    )
+    assert len(results) == 1 and results[0]["status"] == "ok"
+    rounds = results[0]["rounds"]
+    assert len(rounds) == 2
+    assert results[0]["latency"]["1"]["network_ms"] == pytest.approx(
+        (rounds[0]["1"]["network_ms"] + rounds[1]["1"]["network_ms"]) / 2
+    )
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "the median of 2 rounds" in markdown
+    assert "- synthetic_instant_test (cpu, torch): b1 " in markdown
+
+
+def test_benchmark_rejects_zero_rounds(benchmark, tmp_path):
+    with pytest.raises(ValueError, match="--rounds must be >= 1, got 0"):
+        benchmark.main(["--configs", str(QUICK), "--rounds", "0", "--output-dir", str(tmp_path)])
+
+
 def test_onnxruntime_int8_runner_runs_the_quantized_copy(benchmark):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

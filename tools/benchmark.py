@@ -21,6 +21,10 @@ through the same post-processing; it has no training measurement. ``onnxruntime_
 same with the file's INT8 copy (convolutions quantized, calibrated on 16 other synthetic
 scenes; ``tools/export_model.py --int8``); same FLOPs, counted as multiply-adds of any type.
 
+``--rounds N`` measures every model N times, in turn, and reports the median of its N
+medians (each round's figures listed below the table): on a shared machine whose speed drifts
+over minutes, a ratio between two models then rests on the same time windows for both.
+
 Measured for each model and device, every model in a fresh subprocess, at ``--size``:
 
 - parameters; GFLOPs of the network for one image (fvcore ``FlopCountAnalysis``, one
@@ -56,6 +60,7 @@ missing), printed and written to ``loader.md`` / ``loader.json``.
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -122,6 +127,11 @@ def get_parser() -> argparse.ArgumentParser:
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every model this many times in turn (round-robin) and report the median "
+        "of its rounds' medians: the machine's drift over minutes falls on every model alike",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="./output/benchmark")
     parser.add_argument(
@@ -155,6 +165,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--size must be at least 32x32, got {args.size}")
     if min(args.batch_sizes) < 1 or args.iters < 1 or args.warmup < 0 or args.threads < 1:
         raise ValueError("--batch-sizes and --iters must be >= 1, --warmup >= 0, --threads >= 1")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if not args.no_train and (args.train_batch_size < 2 or args.train_iters < 1):
         raise ValueError(
             "--train-batch-size must be >= 2 (BatchNorm in training) and --train-iters >= 1"
@@ -403,6 +415,40 @@ def worker_main(args) -> None:
         json.dump(result, f)
 
 
+def combine_rounds(rounds: Sequence[Dict]) -> Dict:
+    """One model's result from its results of several rounds: each latency the median of the
+    rounds' medians (all timed runs kept), peak memory the largest, training images/s the
+    median, the GEMM peak the best; the rounds' latencies under ``"rounds"``. A failed round
+    makes the result that round's failure."""
+    if len(rounds) == 1:
+        return rounds[0]
+    failed = [r for r in rounds if r.get("status") != "ok"]
+    if failed:
+        return failed[0]
+    result = copy.deepcopy(rounds[0])
+    for batch, latency in result["latency"].items():
+        for key in ("network_ms", "postprocess_ms"):
+            latency[key] = statistics.median(r["latency"][batch][key] for r in rounds)
+        for key in ("network_s", "postprocess_s"):
+            latency[key] = [t for r in rounds for t in r["latency"][batch][key]]
+    for key in result["peak_memory_mb"]:
+        result["peak_memory_mb"][key] = max(r["peak_memory_mb"][key] for r in rounds)
+    if "train" in result:
+        result["train"]["images_per_s"] = statistics.median(
+            r["train"]["images_per_s"] for r in rounds
+        )
+        result["train"]["step_s"] = [t for r in rounds for t in r["train"]["step_s"]]
+    if "gemm_peak_gflop_s" in result:
+        result["gemm_peak_gflop_s"] = max(r["gemm_peak_gflop_s"] for r in rounds)
+    result["wall_s"] = sum(r.get("wall_s", 0.0) for r in rounds)
+    result["rounds"] = [
+        {batch: {key: latency[key] for key in ("network_ms", "postprocess_ms")}
+         for batch, latency in r["latency"].items()}
+        for r in rounds
+    ]
+    return result
+
+
 def run_worker(name: str, device: str, argv: Sequence[str], backend: str = "torch") -> Dict:
     """Measure one model in a fresh Python process (so its peak memory is its own)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -561,6 +607,27 @@ def format_table(results: Sequence[Dict], batch_sizes: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def format_rounds(results: Sequence[Dict]) -> List[str]:
+    """Markdown lines with every round's network + post-processing per batch, when the
+    results combine several rounds."""
+    lines = []
+    for r in results:
+        if "rounds" not in r:
+            continue
+        cells = [
+            f"b{batch} " + " / ".join(
+                f"{one[batch]['network_ms']:,.1f} + {one[batch]['postprocess_ms']:,.1f}"
+                for one in r["rounds"]
+            )
+            for batch in sorted(r["rounds"][0], key=int)
+        ]
+        lines.append(f"- {r['name']} ({r['device']}, {r.get('backend', 'torch')}): "
+                     + "; ".join(cells))
+    if lines:
+        lines = ["", "Each round, network + post-processing per batch (ms):", *lines]
+    return lines
+
+
 def plot_latency(results: Sequence[Dict], path: str, batch: int) -> None:
     """Scatter of batch-``batch`` latency (network + post-processing) against parameters."""
     import matplotlib
@@ -643,7 +710,10 @@ def write_report(results: Sequence[Dict], env: Dict, args) -> str:
             + (f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else "")
             + f", {env['cpu_threads']} CPU threads"
             + (f", {env['cuda_device']} ({env['precision_cuda']})" if "cuda_device" in env else "")
-            + f", median of {args.iters} runs after {args.warmup} warm-up, {env['date']}.",
+            + f", median of {args.iters} runs after {args.warmup} warm-up"
+            + (f"; the median of {args.rounds} rounds, every model measured once per round in "
+               "turn" if args.rounds > 1 else "")
+            + f", {env['date']}.",
             "",
             table,
             "",
@@ -656,6 +726,7 @@ def write_report(results: Sequence[Dict], env: Dict, args) -> str:
             "CUDA: allocator). Random weights; normalisation excluded from the timings.",
         ]
         + (["", "Ops fvcore did not count (no FLOP handle):", *skipped] if skipped else [])
+        + format_rounds(results)
     )
     with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
         f.write(markdown + "\n")
@@ -680,18 +751,25 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     if "cuda" in devices and not torch.cuda.is_available():
         raise ValueError("--devices cuda: CUDA is not available on this machine")
     config_names = {Path(p).stem for p in args.configs}
-    results = []
-    for name in names:
-        for device in devices:
-            for backend in args.backends:
-                if backend != "torch" and (name not in config_names or device != "cpu"):
-                    continue  # onnxruntime rows: MaskAttn configs on CPU
-                print(f"[benchmark] {name} on {device} ({backend}) ...", flush=True)
-                result = run_worker(name, device, argv, backend)
-                if result.get("status") != "ok":
-                    print(f"[benchmark] {name} on {device} ({backend}): {result['status']}",
-                          flush=True)
-                results.append(result)
+    jobs = [
+        (name, device, backend)
+        for name in names
+        for device in devices
+        for backend in args.backends
+        # onnxruntime rows: MaskAttn configs on CPU
+        if backend == "torch" or (name in config_names and device == "cpu")
+    ]
+    per_job = {job: [] for job in jobs}
+    for round_index in range(args.rounds):
+        which = f", round {round_index + 1} of {args.rounds}" if args.rounds > 1 else ""
+        for name, device, backend in jobs:
+            print(f"[benchmark] {name} on {device} ({backend}{which}) ...", flush=True)
+            result = run_worker(name, device, argv, backend)
+            if result.get("status") != "ok":
+                print(f"[benchmark] {name} on {device} ({backend}): {result['status']}",
+                      flush=True)
+            per_job[(name, device, backend)].append(result)
+    results = [combine_rounds(per_job[job]) for job in jobs]
     markdown = write_report(results, environment(args, devices), args)
     print(markdown)
     return results
