@@ -41,7 +41,8 @@ from maskattn_d2.evaluation import format_results_summary
 
 
 def get_parser():
-    """detectron2's argument parser plus ``--register-module`` and ``--allow-random-weights``."""
+    """detectron2's argument parser plus ``--register-module``, ``--onnx-model`` and
+    ``--allow-random-weights``."""
     parser = default_argument_parser()
     parser.add_argument(
         "--register-module", action="append", default=[], metavar="MODULE",
@@ -77,25 +78,22 @@ def setup(args):
 def main(args):
     # Each worker is a new process: the user's registrations must run in it.
     import_user_modules(getattr(args, "register_module", []))
-    onnx_model = getattr(args, "onnx_model", None)
-    if onnx_model and not args.eval_only:
-        raise ValueError("--onnx-model evaluates an exported network: add --eval-only.")
     cfg = setup(args)
-    if args.eval_only and onnx_model:
-        from maskattn_d2.export import ONNXRuntimeModel  # onnxruntime: an optional extra
+    if args.eval_only:
+        onnx_model = getattr(args, "onnx_model", None)
+        if onnx_model:
+            from maskattn_d2.export import ONNXRuntimeModel  # onnxruntime: an optional extra
 
-        results = MaskAttnTrainer.test(cfg, ONNXRuntimeModel(cfg, onnx_model))
-        if comm.is_main_process():
-            verify_results(cfg, results)
-    elif args.eval_only:
-        model = MaskAttnTrainer.build_model(cfg)
-        load_inference_weights(
-            model,
-            cfg.MODEL.WEIGHTS,
-            allow_random=getattr(args, "allow_random_weights", False),
-            save_dir=cfg.OUTPUT_DIR,
-            resume=args.resume,
-        )
+            model = ONNXRuntimeModel(cfg, onnx_model)
+        else:
+            model = MaskAttnTrainer.build_model(cfg)
+            load_inference_weights(
+                model,
+                cfg.MODEL.WEIGHTS,
+                allow_random=getattr(args, "allow_random_weights", False),
+                save_dir=cfg.OUTPUT_DIR,
+                resume=args.resume,
+            )
         results = MaskAttnTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -114,7 +112,10 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = get_parser().parse_args()
+    parser = get_parser()
+    args = parser.parse_args()
+    if args.onnx_model and not args.eval_only:
+        parser.error("--onnx-model evaluates an exported network: add --eval-only")
     print("Command Line Args:", args)
     # detectron2's launch, with a barrier and destroy_process_group at the end of each worker.
     launch(

@@ -125,22 +125,31 @@ def test_combine_rounds_takes_each_latency_median_over_rounds(benchmark):
     assert benchmark.combine_rounds([rounds[0], failed])["status"] == "failed: boom"
 
 
-def test_benchmark_rounds_measure_every_model_in_turn(benchmark, tmp_path):
+def test_benchmark_rounds_measure_every_model_in_turn(benchmark, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_worker(name, device, argv, backend="torch"):
+        calls.append((name, backend))
+        result = _round(10.0 * len(calls), 1.0, 1.0)
+        result.update(name=name, backend=backend, params_m=1.0)
+        return result
+
+    monkeypatch.setattr(benchmark, "run_worker", fake_worker)
     results = benchmark.main(
-        ["--configs", str(QUICK), "--models", "synthetic_instant_test", "--rounds", "2",
-         "--size", "64", "64", "--batch-sizes", "1", "--iters", "1", "--warmup", "0",
-         "--no-train", "--no-flops", "--threads", "1", "--devices", "cpu",
-         "--output-dir", str(tmp_path)]
+        ["--configs", str(QUICK), "--models", "synthetic_instant_test", "panoptic_deeplab_r50",
+         "--backends", "torch", "onnxruntime", "--rounds", "2", "--batch-sizes", "1",
+         "--devices", "cpu", "--output-dir", str(tmp_path)]
     )
-    assert len(results) == 1 and results[0]["status"] == "ok"
-    rounds = results[0]["rounds"]
-    assert len(rounds) == 2
-    assert results[0]["latency"]["1"]["network_ms"] == pytest.approx(
-        (rounds[0]["1"]["network_ms"] + rounds[1]["1"]["network_ms"]) / 2
-    )
+    # Round-robin: every model (and backend) once per round, in the same order each round.
+    order = [("synthetic_instant_test", "torch"), ("synthetic_instant_test", "onnxruntime"),
+             ("panoptic_deeplab_r50", "torch")]
+    assert calls == order * 2
+    assert [(r["name"], r["backend"]) for r in results] == order
+    # Each result combines its own two rounds (calls 1 and 4, 2 and 5, 3 and 6).
+    assert [r["latency"]["1"]["network_ms"] for r in results] == [25.0, 35.0, 45.0]
     markdown = (tmp_path / "benchmark.md").read_text()
     assert "the median of 2 rounds" in markdown
-    assert "- synthetic_instant_test (cpu, torch): b1 " in markdown
+    assert "- synthetic_instant_test (cpu, torch): b1 10.0 + 1.0 / 40.0 + 1.0" in markdown
 
 
 def test_benchmark_rejects_zero_rounds(benchmark, tmp_path):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from detectron2.data import DatasetCatalog
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,7 @@ from maskattn_d2.export.quantize import float_boundary_convolutions, quantize_in
 
 from .test_export import QUICK, SMALL, _cfg, _chw, _random_model  # noqa: E402
 from .test_train_net import TINY_MODEL, copypaste_metrics, run_train_net  # noqa: E402
+from .tool_modules import load_tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_OPTS = [
@@ -40,7 +43,7 @@ def _conv(name, x, w, y):
 
 
 def test_float_boundary_convolutions_are_the_first_and_those_writing_outputs():
-    # x -> a -> relu -> b -> c -> out1 ; b -> add(b, relu) -> d -> out2 ; relu -> e -> add2
+    # x -> a -> relu -> b -> c -> out1 ; relu -> e ; add(b, e) -> d -> out2
     weight = helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 3, 3], [0.1] * 9)
     nodes = [
         _conv("a", "x", "w", "ya"),
@@ -126,15 +129,9 @@ def test_int8_network_stays_close_to_the_float_one_on_new_scenes(quantized):
         assert error < 0.03 * scale, (name, error, scale)
 
 
-def _export_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "maskattn_tool_export_model_int8", REPO / "tools" / "export_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def export_tool():
+    return load_tool("export_model")
 
 
 def _saved_random_model(cfg, path: Path, seed: int) -> Path:
@@ -142,13 +139,21 @@ def _saved_random_model(cfg, path: Path, seed: int) -> Path:
     return path
 
 
-def test_export_tool_int8_calibrates_on_the_training_set_and_writes_a_runnable_model(tmp_path):
-    weights = _saved_random_model(_cfg(QUICK, COCO_OPTS), tmp_path / "model.pth", seed=6)
+@pytest.mark.parametrize("spatial", [True, False], ids=["spatial", "no_offsets"])
+def test_export_tool_int8_writes_a_model_that_runs_like_the_float_one(export_tool, tmp_path,
+                                                                        spatial):
+    # Without the spatial branch (as the hybrid Cityscapes config) there are no offsets.
+    opts = COCO_OPTS + ([] if spatial else [
+        "MODEL.EMBED_HEAD.SPATIAL_ON", "False",
+        "MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD", "connected_components",
+    ])
+    weights = _saved_random_model(_cfg(QUICK, opts), tmp_path / "model.pth", seed=6)
     out = tmp_path / "export"
-    status = _export_tool().main(["--config-file", str(QUICK), "--output", str(out), "--int8",
-                                  *COCO_OPTS, "MODEL.WEIGHTS", str(weights)])
+    status = export_tool.main(["--config-file", str(QUICK), "--output", str(out), "--int8",
+                               "--calibration-images", "2", *opts, "MODEL.WEIGHTS", str(weights)])
     assert status == 0
     assert (out / "model.onnx").is_file() and (out / "model_int8.onnx").is_file()
+    assert not list(out.glob("*.partial"))
     kinds = {n.op_type for n in onnx.load(str(out / "model_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
     # It runs like model.onnx, from the config written next to it, at the image's size.
@@ -158,32 +163,53 @@ def test_export_tool_int8_calibrates_on_the_training_set_and_writes_a_runnable_m
     assert output["panoptic_seg"][0].shape == (120, 160)
 
 
-def test_export_tool_int8_rejects_bad_input_and_keeps_the_float_export(tmp_path, capsys):
-    tool = _export_tool()
+@pytest.fixture
+def dataset_with_missing_images():
+    name = "maskattn_test_missing_images"
+    DatasetCatalog.register(name, lambda: [
+        {"file_name": "/nonexistent/image.jpg", "image_id": 0, "height": 64, "width": 64}
+    ])
+    yield name
+    DatasetCatalog.remove(name)
+
+
+def test_export_tool_int8_rejects_bad_input_and_keeps_the_float_export(
+    export_tool, tmp_path, capsys, dataset_with_missing_images
+):
     out = tmp_path / "out"
-    assert tool.main(["--config-file", str(QUICK), "--output", str(out), "--format",
-                      "torchscript", "--int8", "--allow-random-weights"]) == 2
+    base = ["--config-file", str(QUICK), "--output", str(out), "--allow-random-weights"]
+    assert export_tool.main([*base, "--format", "torchscript", "--int8"]) == 2
     assert "--int8 quantizes an ONNX export" in capsys.readouterr().err
-    assert tool.main(["--config-file", str(QUICK), "--output", str(out), "--int8",
-                      "--calibration-images", "0", "--allow-random-weights"]) == 2
+    assert export_tool.main([*base, "--int8", "--calibration-images", "0"]) == 2
     assert "--calibration-images must be >= 1, got 0" in capsys.readouterr().err
-    assert not out.exists()
-    assert tool.main(["--config-file", str(QUICK), "--output", str(out), "--int8",
-                      "--calibration-dataset", "no_such_dataset", "--allow-random-weights"]) == 2
-    assert "--calibration-dataset no_such_dataset: cannot read its images" in (
+    assert export_tool.main([*base, "--calibration-images", "8"]) == 2
+    assert "go with --int8" in capsys.readouterr().err
+    assert export_tool.main([*base, "--int8", "--calibration-dataset", "no_such_dataset"]) == 2
+    assert "--calibration-dataset no_such_dataset: no such registered dataset" in (
         capsys.readouterr().err
     )
-    # The float export was written and checked before the calibration failed: it stays.
-    assert (out / "model.onnx").is_file() and not (out / "model_int8.onnx").exists()
+    assert not out.exists()  # all refused before anything was written
+    # Images that are not on disk: found when calibrating, after the float export. That
+    # export stays; an INT8 copy of an earlier export in the folder does not.
+    out.mkdir()
+    (out / "model_int8.onnx").write_bytes(b"an earlier export")
+    assert export_tool.main(
+        [*base, "--int8", "--calibration-dataset", dataset_with_missing_images]
+    ) == 2
+    assert f"--calibration-dataset {dataset_with_missing_images}: cannot read its images" in (
+        capsys.readouterr().err
+    )
+    assert (out / "model.onnx").is_file()
+    assert not (out / "model_int8.onnx").exists() and not list(out.glob("*.partial"))
 
 
-def test_train_net_eval_only_onnx_model_gives_the_pytorch_metrics(tmp_path):
+def test_train_net_eval_only_onnx_model_gives_the_pytorch_metrics(export_tool, tmp_path):
     opts = TINY_MODEL + COCO_OPTS[:4]
     cfg = _cfg(REPO / "configs" / "coco_panoptic_128.yaml", opts)
     weights = _saved_random_model(cfg, tmp_path / "model.pth", seed=7)
     out = tmp_path / "export"
-    assert _export_tool().main(["--config-file", str(REPO / "configs" / "coco_panoptic_128.yaml"),
-                                "--output", str(out), *opts, "MODEL.WEIGHTS", str(weights)]) == 0
+    assert export_tool.main(["--config-file", str(REPO / "configs" / "coco_panoptic_128.yaml"),
+                             "--output", str(out), *opts, "MODEL.WEIGHTS", str(weights)]) == 0
     want = copypaste_metrics(run_train_net(
         "configs/coco_panoptic_128.yaml", ["--eval-only", *opts, "MODEL.WEIGHTS", str(weights)],
         tmp_path / "torch",
@@ -201,5 +227,5 @@ def test_train_net_eval_only_onnx_model_gives_the_pytorch_metrics(tmp_path):
                str(out / "config.yaml"), "--onnx-model", str(out / "model.onnx")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # argparse's usage error, before any worker starts
     assert "--onnx-model evaluates an exported network: add --eval-only" in proc.stderr

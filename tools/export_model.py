@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
@@ -59,11 +59,11 @@ from maskattn_d2.export import (
     export_torchscript,
     network_metadata,
 )
-from maskattn_d2.export.quantize import quantize_int8
+from maskattn_d2.export.quantize import INT8_FILE, quantize_int8
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
-INT8_FILE = "model_int8.onnx"
 CALIBRATION_BATCH = 8
+CALIBRATION_IMAGES = 64
 # Largest |exported - PyTorch| accepted, relative to the output's largest |value| (float32
 # kernels of onnxruntime / TorchScript differ from eager ones in summation order only).
 RELATIVE_TOLERANCE = 1e-4
@@ -100,8 +100,8 @@ def get_parser() -> argparse.ArgumentParser:
         help="registered dataset of the INT8 calibration images (default: DATASETS.TRAIN[0]; "
         "never the split you evaluate on)",
     )
-    parser.add_argument("--calibration-images", type=int, default=64, metavar="N",
-                        help="INT8 calibration images (default 64)")
+    parser.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                        help=f"INT8 calibration images (default {CALIBRATION_IMAGES})")
     parser.add_argument(
         "--register-module", action="append", default=[], metavar="MODULE",
         help="import MODULE first (a .py file or module name), e.g. one that registers the "
@@ -164,6 +164,22 @@ def verify(network: ExportableNetwork, path: str, fmt: str, cfg) -> Dict[str, fl
     return errors
 
 
+def calibration_dataset(args, cfg) -> str:
+    """The registered dataset of the INT8 calibration images (checked before anything is
+    written)."""
+    dataset = args.calibration_dataset or (list(cfg.DATASETS.TRAIN) or [None])[0]
+    if dataset is None:
+        raise ValueError("--int8: the config has no DATASETS.TRAIN; name the calibration "
+                         "images with --calibration-dataset.")
+    if dataset not in DatasetCatalog.list():
+        raise ValueError(f"--calibration-dataset {dataset}: no such registered dataset (add "
+                         "--register-module for your own).")
+    if dataset in cfg.DATASETS.TEST:
+        logger.warning("Calibrating on %s, a DATASETS.TEST split: its evaluation will flatter "
+                       "the INT8 network.", dataset)
+    return dataset
+
+
 def calibration_batches(cfg, runtime: ONNXRuntimeModel, dataset: str, num_images: int):
     """The first ``num_images`` images of ``dataset`` (test-time mapper, in order) as the
     network's input: (B, C, h, w) float32 arrays at the network size."""
@@ -172,13 +188,12 @@ def calibration_batches(cfg, runtime: ONNXRuntimeModel, dataset: str, num_images
             cfg, dataset, mapper=build_dataset_mapper(cfg, is_train=False)
         )
         inputs = [d for batch in itertools.islice(loader, num_images) for d in batch]
-    except (KeyError, FileNotFoundError, OSError) as e:  # unregistered name, missing files
+    # Missing files; detectron2 asserts that a dataset is not empty.
+    except (FileNotFoundError, OSError, AssertionError) as e:
         raise ValueError(
             f"--calibration-dataset {dataset}: cannot read its images ({e}). Prepare it (see "
             "datasets/README.md) or name another registered training set."
         ) from e
-    if not inputs:
-        raise ValueError(f"--calibration-dataset {dataset} has no images.")
     return [
         runtime.preprocess_image(inputs[i : i + CALIBRATION_BATCH]).numpy()
         for i in range(0, len(inputs), CALIBRATION_BATCH)
@@ -187,7 +202,8 @@ def calibration_batches(cfg, runtime: ONNXRuntimeModel, dataset: str, num_images
 
 def agreement(float_runtime: ONNXRuntimeModel, int8_runtime: ONNXRuntimeModel, batches):
     """How the INT8 network's outputs compare with the float one's on ``batches``: the share
-    of pixels with the same class argmax, and the mean |offset difference| in pixels."""
+    of pixels with the same class argmax, and the mean |offset difference| in pixels (None
+    for a network without offsets)."""
     same, pixels, offset_error = 0, 0, []
     for batch in batches:
         images = torch.from_numpy(batch)
@@ -195,23 +211,32 @@ def agreement(float_runtime: ONNXRuntimeModel, int8_runtime: ONNXRuntimeModel, b
         got_logits, got = int8_runtime.run_network(images)
         same += int((want_logits.argmax(1) == got_logits.argmax(1)).sum())
         pixels += want_logits[:, 0].numel()
-        offset_error.append(float((want["offsets"] - got["offsets"]).abs().mean()))
-    return same / pixels, float(np.mean(offset_error))
+        if "offsets" in want:
+            offset_error.append(float((want["offsets"] - got["offsets"]).abs().mean()))
+    return same / pixels, (float(np.mean(offset_error)) if offset_error else None)
 
 
 def export_int8(cfg, float_path: str, dataset: str, num_images: int) -> str:
-    """Write and log ``model_int8.onnx`` next to the checked float ``float_path``."""
+    """Write and log ``model_int8.onnx`` next to the checked float ``float_path``; written
+    under a temporary name and renamed once it loads and runs, so a failure leaves none."""
     threads = torch.get_num_threads()
     float_runtime = ONNXRuntimeModel(cfg, float_path, num_threads=threads)
     batches = calibration_batches(cfg, float_runtime, dataset, num_images)
     path = os.path.join(os.path.dirname(float_path), INT8_FILE)
-    count = quantize_int8(float_path, path, batches)
-    same_class, offset_error = agreement(
-        float_runtime, ONNXRuntimeModel(cfg, path, num_threads=threads), batches
-    )
+    partial = path + ".partial"
+    try:
+        count = quantize_int8(float_path, partial, batches)
+        same_class, offset_error = agreement(
+            float_runtime, ONNXRuntimeModel(cfg, partial, num_threads=threads), batches
+        )
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    offsets = "" if offset_error is None else f", offsets {offset_error:.3f} px apart on average"
     logger.info("Wrote %s, calibrated on %d images of %s; against %s on them: the same class "
-                "at %.2f %% of pixels, offsets %.3f px apart on average", path, count, dataset,
-                os.path.basename(float_path), 100 * same_class, offset_error)
+                "at %.2f %% of pixels%s", path, count, dataset, os.path.basename(float_path),
+                100 * same_class, offsets)
     return path
 
 
@@ -221,9 +246,15 @@ def export(args) -> str:
     if args.int8 and args.format != "onnx":
         raise ValueError(f"--int8 quantizes an ONNX export; it does not go with --format "
                          f"{args.format}.")
-    if args.calibration_images < 1:
-        raise ValueError(f"--calibration-images must be >= 1, got {args.calibration_images}.")
+    if not args.int8 and (args.calibration_dataset or args.calibration_images is not None):
+        raise ValueError("--calibration-dataset and --calibration-images go with --int8.")
+    num_images = args.calibration_images
+    if num_images is None:
+        num_images = CALIBRATION_IMAGES
+    if num_images < 1:
+        raise ValueError(f"--calibration-images must be >= 1, got {num_images}.")
     cfg = setup_cfg(args)
+    dataset = calibration_dataset(args, cfg) if args.int8 else None
     torch.manual_seed(0)  # parameters the weights do not set are random, but reproducible
     model = build_model(cfg)
     try:
@@ -232,6 +263,10 @@ def export(args) -> str:
         raise WeightsError(str(e)) from e
     network = ExportableNetwork(model.eval())
     os.makedirs(args.output, exist_ok=True)
+    # An INT8 copy of an earlier export into this folder would not match the new model.onnx.
+    stale = os.path.join(args.output, INT8_FILE)
+    if os.path.exists(stale):
+        os.remove(stale)
     path = os.path.join(args.output, FORMATS[args.format])
     if args.format == "onnx":
         export_onnx(network, path, metadata=network_metadata(cfg, network), opset=args.opset)
@@ -247,19 +282,16 @@ def export(args) -> str:
         if not error <= TOLERANCES.get(name, RELATIVE_TOLERANCE)
     }
     if bad:
+        limits = ", ".join(f"{name} {limit:g}" for name, limit in TOLERANCES.items())
         raise ExportMismatch(
             f"{path} disagrees with PyTorch beyond the relative tolerance ({RELATIVE_TOLERANCE:g}"
-            f", embeddings {TOLERANCES['embeddings']:g}) on {bad}."
+            f"; {limits}) on {bad}."
         )
     logger.info("Wrote %s (input %s, outputs %s) and config.yaml", path,
                 f"(batch, {network.num_channels}, {network.network_size[0]}, "
                 f"{network.network_size[1]})", network.output_names)
     if args.int8:
-        dataset = args.calibration_dataset or (list(cfg.DATASETS.TRAIN) or [None])[0]
-        if dataset is None:
-            raise ValueError("--int8: the config has no DATASETS.TRAIN; name the calibration "
-                             "images with --calibration-dataset.")
-        export_int8(cfg, path, dataset, args.calibration_images)
+        export_int8(cfg, path, dataset, num_images)
     return path
 
 

@@ -23,9 +23,11 @@ import numpy as np
 
 from .network import INPUT_NAME
 
-__all__ = ["QUANTIZED_OP_TYPES", "float_boundary_convolutions", "quantize_int8"]
+__all__ = ["INT8_FILE", "QUANTIZED_OP_TYPES", "float_boundary_convolutions", "quantize_int8"]
 
 QUANTIZED_OP_TYPES = ("Conv", "Relu", "MaxPool")
+# The INT8 copy's file name next to the float ``model.onnx``.
+INT8_FILE = "model_int8.onnx"
 logger = logging.getLogger(__name__)
 
 
@@ -116,6 +118,10 @@ def quantize_int8(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            # 7-bit weights: AVX2 CPUs without VNNI (this project's CI) multiply uint8 x int8
+            # pairs into saturating int16 sums; onnxruntime's guide asks for it there. On the
+            # DSB tuning split it changed PQ_th by +0.5 (39.03 -> 39.52; float32 39.05).
+            reduce_range=True,
         )
     # The metadata the onnxruntime model checks against the config (input format, ...).
     int8_model = onnx.load(int8_path)

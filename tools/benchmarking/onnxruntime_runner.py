@@ -41,16 +41,18 @@ class ONNXRuntimeRunner(MaskAttnRunner):
         export_onnx(self.exportable, path, metadata=network_metadata(cfg, self.exportable))
         self.runtime = ONNXRuntimeModel(cfg, path, num_threads=threads)
         if int8:
-            from maskattn_d2.export.quantize import quantize_int8
+            from maskattn_d2.export.quantize import INT8_FILE, quantize_int8
 
             scenes = synthetic_scenes(
                 CALIBRATION_SCENES, self.runtime.network_size, seed=CALIBRATION_SEED
             )
-            int8_path = os.path.join(self._tmp.name, "model_int8.onnx")
-            # In a child process: calibration's peak memory is not the network's (the
-            # benchmark reports this process's peak RSS).
+            calibration = [self.prepare(scenes).numpy()]
+            int8_path = os.path.join(self._tmp.name, INT8_FILE)
+            # The float session goes first, and calibration runs in a child process: the
+            # benchmark reports this process's peak RSS as the INT8 network's.
+            self.runtime = None
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                pool.apply(quantize_int8, (path, int8_path, [self.prepare(scenes).numpy()]))
+                pool.apply(quantize_int8, (path, int8_path, calibration))
             self.runtime = ONNXRuntimeModel(cfg, int8_path, num_threads=threads)
 
     def prepare(self, scenes) -> torch.Tensor:
