@@ -11,8 +11,8 @@ folded in) and every convolution with no convolution after it (the predictors of
 logits, offsets, seeds and embeddings).
 
 Measured on the 2-core AMD EPYC (AVX2, no VNNI) of this project's CI: the paper-size network
-~1.25x faster at batch 1 and ~1.3x at batch 16; PQ on DSB 2018 and the synthetic scenes within
-0.3 of the float network's (README, "Export and onnxruntime").
+~1.25x faster at batch 1 and at batch 16; PQ on DSB 2018 val and the synthetic scenes within
+0.5 of the float network's (README, "Export and onnxruntime").
 """
 import logging
 import os
