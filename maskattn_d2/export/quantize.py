@@ -54,8 +54,7 @@ def float_boundary_convolutions(model) -> List[str]:
                     stack.extend(node.output)
         return False
 
-    keep = [convs[0].name] + [c.name for c in convs[1:] if not reaches_conv(c)]
-    return list(dict.fromkeys(keep))
+    return [convs[0].name] + [c.name for c in convs[1:] if not reaches_conv(c)]
 
 
 def _calibration_reader(batches: List[np.ndarray]):
