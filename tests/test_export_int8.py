@@ -204,16 +204,18 @@ def test_export_tool_int8_rejects_bad_input_and_keeps_the_float_export(
 
 
 def test_train_net_eval_only_onnx_model_gives_the_pytorch_metrics(export_tool, tmp_path):
-    opts = TINY_MODEL + COCO_OPTS[:4]
-    cfg = _cfg(REPO / "configs" / "coco_panoptic_128.yaml", opts)
-    weights = _saved_random_model(cfg, tmp_path / "model.pth", seed=7)
+    # 150 iterations on the 3 COCO images: metrics far from 0 (PQ ~2, box AP ~10, mIoU ~12,
+    # pixel accuracy ~54), so that a wrong input path (channel order, normalisation, resize)
+    # would show. The training run's final evaluation is PyTorch's.
+    opts = TINY_MODEL + COCO_OPTS[:4] + ["SOLVER.BASE_LR", "0.01"]
+    opts[opts.index("SOLVER.MAX_ITER") + 1] = "150"
+    trained = tmp_path / "train"
+    want = copypaste_metrics(run_train_net("configs/coco_panoptic_128.yaml", opts, trained))
+    assert want["sem_seg"]["pACC"] > 20 and want["bbox"]["AP"] > 0
     out = tmp_path / "export"
     assert export_tool.main(["--config-file", str(REPO / "configs" / "coco_panoptic_128.yaml"),
-                             "--output", str(out), *opts, "MODEL.WEIGHTS", str(weights)]) == 0
-    want = copypaste_metrics(run_train_net(
-        "configs/coco_panoptic_128.yaml", ["--eval-only", *opts, "MODEL.WEIGHTS", str(weights)],
-        tmp_path / "torch",
-    ))
+                             "--output", str(out), *opts,
+                             "MODEL.WEIGHTS", str(trained / "model_final.pth")]) == 0
     got = copypaste_metrics(run_train_net(
         str(out / "config.yaml"), ["--eval-only", "--onnx-model", str(out / "model.onnx")],
         tmp_path / "onnx",
@@ -221,7 +223,9 @@ def test_train_net_eval_only_onnx_model_gives_the_pytorch_metrics(export_tool, t
     assert set(got) == set(want) >= {"panoptic_seg", "segm", "sem_seg"}
     for task in want:
         for metric, value in want[task].items():
-            assert got[task][metric] == pytest.approx(value, abs=1e-3), (task, metric)
+            # Float32 kernels differ in summation order only; 0.05 points allows a pixel whose
+            # two best classes tie to the sixth digit to flip.
+            assert got[task][metric] == pytest.approx(value, abs=0.05), (task, metric)
     # Without --eval-only the option is refused (it cannot train an exported network).
     command = [sys.executable, str(REPO / "train_net.py"), "--config-file",
                str(out / "config.yaml"), "--onnx-model", str(out / "model.onnx")]
