@@ -204,14 +204,15 @@ def test_export_tool_int8_rejects_bad_input_and_keeps_the_float_export(
 
 
 def test_train_net_eval_only_onnx_model_gives_the_pytorch_metrics(export_tool, tmp_path):
-    # 150 iterations on the 3 COCO images: metrics far from 0 (PQ ~2, box AP ~10, mIoU ~12,
-    # pixel accuracy ~54), so that a wrong input path (channel order, normalisation, resize)
-    # would show. The training run's final evaluation is PyTorch's.
-    opts = TINY_MODEL + COCO_OPTS[:4] + ["SOLVER.BASE_LR", "0.01"]
+    # 150 seeded iterations on the 3 COCO images: metrics away from 0 (mIoU 8.2, pixel accuracy
+    # 48.4, box AP 14.3 when written; unseeded runs gave box AP 0-10), so that a wrong input
+    # path (channel order, normalisation, resize) shows: swapping the channels fails it. The
+    # training run's final evaluation is PyTorch's.
+    opts = TINY_MODEL + COCO_OPTS[:4] + ["SOLVER.BASE_LR", "0.01", "SEED", "0"]
     opts[opts.index("SOLVER.MAX_ITER") + 1] = "150"
     trained = tmp_path / "train"
     want = copypaste_metrics(run_train_net("configs/coco_panoptic_128.yaml", opts, trained))
-    assert want["sem_seg"]["pACC"] > 20 and want["bbox"]["AP"] > 0
+    assert want["sem_seg"]["pACC"] > 20 and want["sem_seg"]["mIoU"] > 3
     out = tmp_path / "export"
     assert export_tool.main(["--config-file", str(REPO / "configs" / "coco_panoptic_128.yaml"),
                              "--output", str(out), *opts,
