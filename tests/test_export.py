@@ -18,6 +18,8 @@ from torch import nn
 from maskattn_d2 import add_maskattn_config
 from maskattn_d2.data.datasets.synthetic import render_scene
 
+from .tool_modules import load_tool
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
@@ -65,6 +67,12 @@ def _random_model(cfg, seed: int = 0) -> nn.Module:
             module.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
             module.bias.data.copy_(0.2 * torch.randn(n, generator=generator))
     return model
+
+
+def _save_weights(model: nn.Module, path: Path) -> Path:
+    """``model``'s parameters as a checkpoint that MODEL.WEIGHTS loads."""
+    torch.save({"model": model.state_dict()}, path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -242,19 +250,13 @@ def test_onnxruntime_model_asks_to_export_again_a_file_with_planar_logits(export
 # --------------------------------------------------------------------------- the tool
 @pytest.fixture(scope="module")
 def export_tool():
-    spec = importlib.util.spec_from_file_location(
-        "maskattn_tool_export_model", REPO / "tools" / "export_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("export_model")
 
 
 def test_export_tool_onnx_with_weights_end_to_end(export_tool, tmp_path):
     cfg = _cfg(QUICK)
     model = _random_model(cfg, seed=3)
-    weights = tmp_path / "model.pth"
-    torch.save({"model": model.state_dict()}, weights)
+    weights = _save_weights(model, tmp_path / "model.pth")
     out = tmp_path / "export"
     status = export_tool.main(["--config-file", str(QUICK), "--output", str(out),
                                "MODEL.WEIGHTS", str(weights)])
@@ -271,8 +273,7 @@ def test_export_tool_onnx_with_weights_end_to_end(export_tool, tmp_path):
 def test_export_tool_torchscript_folds_batchnorm(export_tool, tmp_path):
     cfg = _cfg(QUICK)
     model = _random_model(cfg, seed=4)
-    weights = tmp_path / "model.pth"
-    torch.save({"model": model.state_dict()}, weights)
+    weights = _save_weights(model, tmp_path / "model.pth")
     out = tmp_path / "ts"
     status = export_tool.main(["--config-file", str(QUICK), "--format", "torchscript",
                                "--output", str(out), "MODEL.WEIGHTS", str(weights)])
@@ -328,8 +329,7 @@ def test_demo_onnxruntime_backend_draws_what_the_torch_backend_draws(tmp_path):
     image = _coco_images()[0]
     cfg = _cfg(QUICK, COCO_OPTS)
     model = _random_model(cfg, seed=5)
-    weights = tmp_path / "model.pth"
-    torch.save({"model": model.state_dict()}, weights)
+    weights = _save_weights(model, tmp_path / "model.pth")
     network = ExportableNetwork(model)
     onnx_path = str(tmp_path / "model.onnx")
     export_onnx(network, onnx_path, metadata=network_metadata(cfg, network))

@@ -26,7 +26,7 @@ from maskattn_d2.export import (  # noqa: E402
 )
 from maskattn_d2.export.quantize import float_boundary_convolutions, quantize_int8  # noqa: E402
 
-from .test_export import QUICK, SMALL, _cfg, _chw, _random_model  # noqa: E402
+from .test_export import QUICK, SMALL, _cfg, _chw, _random_model, _save_weights  # noqa: E402
 from .test_train_net import TINY_MODEL, copypaste_metrics, run_train_net  # noqa: E402
 from .tool_modules import load_tool  # noqa: E402
 
@@ -134,11 +134,6 @@ def export_tool():
     return load_tool("export_model")
 
 
-def _saved_random_model(cfg, path: Path, seed: int) -> Path:
-    torch.save({"model": _random_model(cfg, seed=seed).state_dict()}, path)
-    return path
-
-
 @pytest.mark.parametrize("spatial", [True, False], ids=["spatial", "no_offsets"])
 def test_export_tool_int8_writes_a_model_that_runs_like_the_float_one(export_tool, tmp_path,
                                                                         spatial):
@@ -147,7 +142,7 @@ def test_export_tool_int8_writes_a_model_that_runs_like_the_float_one(export_too
         "MODEL.EMBED_HEAD.SPATIAL_ON", "False",
         "MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD", "connected_components",
     ])
-    weights = _saved_random_model(_cfg(QUICK, opts), tmp_path / "model.pth", seed=6)
+    weights = _save_weights(_random_model(_cfg(QUICK, opts), seed=6), tmp_path / "model.pth")
     out = tmp_path / "export"
     status = export_tool.main(["--config-file", str(QUICK), "--output", str(out), "--int8",
                                "--calibration-images", "2", *opts, "MODEL.WEIGHTS", str(weights)])
