@@ -154,6 +154,14 @@ def add_maskattn_config(cfg):
     # object split by a second seed, and are merged (>= 0; 0 disables; touching objects point
     # about the sum of their radii apart).
     cfg.MODEL.MASK_ATTN_POSTPROCESS.MERGE_RATIO = 1.0
+    # "spatial_embedding": how a pixel picks its seed. "offsets": the seed nearest to where
+    # its offset points. "seed_ascent": the seed it reaches by climbing the seed map (steepest
+    # ascent inside its component, a watershed), which follows the dip of the seed map where
+    # objects touch; pixels that reach no seed fall back to their offsets.
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "offsets"
+    # "seed_ascent": two seeds whose basins meet less than this below the lower seed value (a
+    # ridge, not a valley) are one instance (>= 0; 0 never joins).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SADDLE_DEPTH = 0.02
     # Resizing the panoptic map to the image size: True puts thing boundaries where the
     # bilinearly upsampled thing probability crosses 0.5 (smooth outlines of small objects);
     # False resizes by nearest neighbour (blocks of network pixels).

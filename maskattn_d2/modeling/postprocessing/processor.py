@@ -18,6 +18,7 @@ from ...layers import argmax_channels, softmax_channels
 from ...structures.label_maps import label_map_boxes, resize_label_map
 from .instances import (
     INSTANCE_METHODS,
+    SEED_ASSIGNMENTS,
     connected_component_instance_map,
     embedding_instance_map,
     spatial_instance_map,
@@ -56,6 +57,8 @@ class MaskAttnPostProcessor:
         embedding_weight: float = 0.0,
         within_components: bool = True,
         merge_ratio: float = 1.0,
+        seed_assignment: str = "offsets",
+        saddle_depth: float = 0.02,
         upsample_thing_boundaries: bool = True,
         min_instance_area: int = 8,
         max_instances: int = 100,
@@ -82,6 +85,11 @@ class MaskAttnPostProcessor:
             merge_ratio: "spatial_embedding": instances of one component whose pixels point
                 at centres closer than this times the larger equivalent radius are merged
                 (>= 0; 0 disables).
+            seed_assignment: "spatial_embedding": "offsets" (every pixel joins the seed its
+                offset points nearest to) or "seed_ascent" (a pixel climbs the seed map to a
+                seed; offsets only where it reaches none), see :func:`spatial_instance_map`.
+            saddle_depth: "seed_ascent": seeds whose basins meet less than this below the
+                lower seed value are one instance (>= 0).
             upsample_thing_boundaries: resize the panoptic map with thing boundaries from the
                 upsampled thing probability (:func:`upsample_segment_map`); False: nearest.
             min_instance_area: instances with fewer pixels (network resolution) are dropped.
@@ -110,6 +118,12 @@ class MaskAttnPostProcessor:
             raise ValueError(f"seed_min_distance must be >= 0, got {seed_min_distance}.")
         if merge_ratio < 0:
             raise ValueError(f"merge_ratio must be >= 0, got {merge_ratio}.")
+        if seed_assignment not in SEED_ASSIGNMENTS:
+            raise ValueError(
+                f"seed_assignment must be one of {SEED_ASSIGNMENTS}, got '{seed_assignment}'."
+            )
+        if saddle_depth < 0:
+            raise ValueError(f"saddle_depth must be >= 0, got {saddle_depth}.")
         if embedding_weight < 0:
             raise ValueError(f"embedding_weight must be >= 0, got {embedding_weight}.")
         if max_instances < 1:
@@ -129,6 +143,8 @@ class MaskAttnPostProcessor:
         self.within_components = within_components
         self.upsample_thing_boundaries = upsample_thing_boundaries
         self.merge_ratio = merge_ratio
+        self.seed_assignment = seed_assignment
+        self.saddle_depth = saddle_depth
         self.min_instance_area = min_instance_area
         self.max_instances = max_instances
         self.stuff_area = stuff_area
@@ -148,6 +164,8 @@ class MaskAttnPostProcessor:
             "embedding_weight": post.EMBEDDING_WEIGHT,
             "within_components": post.WITHIN_COMPONENTS,
             "merge_ratio": post.MERGE_RATIO,
+            "seed_assignment": post.SEED_ASSIGNMENT,
+            "saddle_depth": post.SADDLE_DEPTH,
             "upsample_thing_boundaries": post.UPSAMPLE_THING_BOUNDARIES,
             "min_instance_area": post.MIN_INSTANCE_AREA,
             "max_instances": post.MAX_INSTANCES,
@@ -194,6 +212,8 @@ class MaskAttnPostProcessor:
                 embedding_weight=self.embedding_weight,
                 within_components=self.within_components,
                 merge_ratio=self.merge_ratio,
+                assignment=self.seed_assignment,
+                saddle_depth=self.saddle_depth,
                 min_instance_area=self.min_instance_area,
                 max_instances=self.max_instances,
             )

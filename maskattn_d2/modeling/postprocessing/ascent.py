@@ -1,0 +1,100 @@
+"""Grouping pixels by climbing the seed map: every pixel follows its steepest uphill neighbour
+to a local maximum (a watershed by steepest ascent, as Cellpose follows its flows to their
+sinks), and basins whose maxima are joined by a ridge are one instance. Vectorised torch
+(pointer jumping over the grid's edges, no per-pixel Python loops) on CPU and CUDA."""
+import math
+from typing import Tuple
+
+import torch
+
+from .components import _grid_edges
+
+__all__ = ["ascent_roots", "ridge_joined_pairs"]
+
+
+def _same_region_edges(regions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (u, v) of the 8-neighbour pairs of an (h, w) region map whose two pixels
+    lie in the same region (regions >= 0; -1 is outside every region)."""
+    h, w = regions.shape
+    u, v = _grid_edges(h, w, 8, regions.device)
+    flat = regions.flatten()
+    region_u = flat.index_select(0, u)
+    inside = (region_u >= 0) & (region_u == flat.index_select(0, v))
+    edge = torch.nonzero(inside).squeeze(1)
+    return u.index_select(0, edge), v.index_select(0, edge)
+
+
+def ascent_roots(seed_map: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """
+    The local maximum each pixel reaches by steepest ascent of the seed map inside its region.
+
+    A pixel's next step is the pixel of largest (value, raster index) among itself and its
+    8 neighbours of the same region: the raster index breaks ties, so a plateau drains to one
+    pixel and no path loops. Following these steps by pointer jumping (each jump doubles the
+    distance covered) takes ceil(log2(h * w)) gathers, with no host sync.
+
+    Args:
+        seed_map: (h, w) float.
+        regions: (h, w) int64, e.g. semantic connected components; pixels < 0 take part in
+            nothing and are their own roots.
+
+    Returns:
+        (h * w,) int64 flat index of each pixel's root (a local maximum of its region).
+    """
+    if seed_map.shape != regions.shape or seed_map.dim() != 2:
+        raise ValueError(
+            f"seed_map and regions must be the same (h, w) shape, got {tuple(seed_map.shape)} "
+            f"and {tuple(regions.shape)}."
+        )
+    num_pixels = seed_map.numel()
+    # Unique ranks by (value, index): a stable sort keeps equal values in raster order.
+    order = torch.argsort(seed_map.flatten(), stable=True)
+    rank = torch.empty_like(order).index_copy_(
+        0, order, torch.arange(num_pixels, device=order.device)
+    )
+    u, v = _same_region_edges(regions)
+    best = rank.clone()
+    best.scatter_reduce_(0, u, rank.index_select(0, v), "amax")
+    best.scatter_reduce_(0, v, rank.index_select(0, u), "amax")
+    parent = order.index_select(0, best)
+    for _ in range(max(1, math.ceil(math.log2(max(num_pixels, 2))))):
+        parent = parent.index_select(0, parent)
+    return parent
+
+
+def ridge_joined_pairs(
+    seed_map: torch.Tensor,
+    regions: torch.Tensor,
+    roots: torch.Tensor,
+    root_seed: torch.Tensor,
+    saddle_depth: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pairs of seeds whose basins meet on a ridge: two neighbouring pixels of one region, in the
+    basins of seeds a and b, both with seed values above ``min(peak_a, peak_b) - saddle_depth``.
+    Such maxima are one object with a ridged top (a valley between two objects dips deeper).
+
+    Args:
+        seed_map: (h, w) float.
+        regions: (h, w) int64 region map (as :func:`ascent_roots`).
+        roots: (h * w,) int64 root of each pixel (:func:`ascent_roots`).
+        root_seed: (h * w,) int64 seed index of a root pixel, -1 for pixels that are no seed.
+        saddle_depth: see above (>= 0).
+
+    Returns:
+        (a, b) int64 seed indices of the joined pairs (possibly repeated).
+    """
+    u, v = _same_region_edges(regions)
+    seed_u = root_seed.index_select(0, roots.index_select(0, u))
+    seed_v = root_seed.index_select(0, roots.index_select(0, v))
+    values = seed_map.flatten()
+    between = (seed_u >= 0) & (seed_v >= 0) & (seed_u != seed_v)
+    u, v = u[between], v[between]
+    seed_u, seed_v = seed_u[between], seed_v[between]
+    saddle = torch.minimum(values.index_select(0, u), values.index_select(0, v))
+    lower_peak = torch.minimum(
+        values.index_select(0, roots.index_select(0, u)),
+        values.index_select(0, roots.index_select(0, v)),
+    )
+    ridge = lower_peak - saddle < saddle_depth
+    return seed_u[ridge], seed_v[ridge]
