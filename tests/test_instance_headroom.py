@@ -37,7 +37,8 @@ def test_oracle_seeds_one_per_instance_at_its_deepest_pixel_nearest_the_centroid
     assert torch.all(seeds[ids == 0] < 0)
 
 
-def test_ground_truth_rows_on_touching_scenes(headroom, tmp_path):
+@pytest.mark.parametrize("assignment", ["offsets", "seed_ascent"])
+def test_ground_truth_rows_on_touching_scenes(headroom, tmp_path, assignment):
     names = register_synthetic_panoptic(
         "test_headroom", str(tmp_path / "data"), num_train=1, num_val=4, touching=True
     )
@@ -45,7 +46,8 @@ def test_ground_truth_rows_on_touching_scenes(headroom, tmp_path):
         rows = headroom.main(
             ["--config-file", str(QUICK), "--dataset", "test_headroom_val",
              "--allow-random-weights", "--threads", "1", "--output-dir", str(tmp_path / "out"),
-             "INPUT.NETWORK_SIZE", "(128, 128)"]
+             "INPUT.NETWORK_SIZE", "(128, 128)",
+             "MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT", assignment]
         )
     finally:
         for name in names:

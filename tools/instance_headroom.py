@@ -12,8 +12,9 @@ postprocessor and detectron2's ``COCOPanopticEvaluator`` at the original image s
 - semantics: predicted, or the ground truth (one-hot logits; void pixels keep the prediction);
 - instances: connected components of the semantic map; the spatial embeddings with the
   model's seed map and offsets; with ground-truth seeds (one per instance, at its deepest
-  pixel nearest its centroid); with ground-truth offsets (to the instance's centroid, on
-  ground-truth instance pixels); with both.
+  pixel nearest its centroid; points on a flat map, so these rows assign pixels by offsets
+  even when the config's ``SEED_ASSIGNMENT`` is "seed_ascent"); with ground-truth offsets (to
+  the instance's centroid, on ground-truth instance pixels); with both.
 
 The gap between "connected components" and "ground-truth seeds and offsets" is what separating
 touching objects can add at most through this postprocessor; the gaps to the model's own
@@ -190,6 +191,10 @@ def evaluate_rows(model: nn.Module, cfg, dataset: str, output_dir: str) -> List[
         post_cfg = cfg.clone()
         post_cfg.defrost()
         post_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = row[2]
+        if row[3]:
+            # Ground-truth seeds are single points on a flat map: nothing to climb, so their
+            # rows assign pixels by offsets whatever SEED_ASSIGNMENT says.
+            post_cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "offsets"
         postprocessors.append(build_postprocessor(post_cfg, thing_ids))
         evaluator = build_evaluator(cfg, dataset, os.path.join(output_dir, "eval", f"row{index}"))
         evaluator.reset()

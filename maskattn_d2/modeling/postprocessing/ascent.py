@@ -3,16 +3,16 @@ to a local maximum (a watershed by steepest ascent, as Cellpose follows its flow
 sinks), and basins whose maxima are joined by a ridge are one instance. Vectorised torch
 (pointer jumping over the grid's edges, no per-pixel Python loops) on CPU and CUDA."""
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .components import _grid_edges
 
-__all__ = ["ascent_roots", "ridge_joined_pairs"]
+__all__ = ["ascent_roots", "ridge_joined_pairs", "same_region_edges"]
 
 
-def _same_region_edges(regions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def same_region_edges(regions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flat indices (u, v) of the 8-neighbour pairs of an (h, w) region map whose two pixels
     lie in the same region (regions >= 0; -1 is outside every region)."""
     h, w = regions.shape
@@ -24,7 +24,11 @@ def _same_region_edges(regions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     return u.index_select(0, edge), v.index_select(0, edge)
 
 
-def ascent_roots(seed_map: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+def ascent_roots(
+    seed_map: torch.Tensor,
+    regions: torch.Tensor,
+    edges: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
     """
     The local maximum each pixel reaches by steepest ascent of the seed map inside its region.
 
@@ -37,6 +41,7 @@ def ascent_roots(seed_map: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         seed_map: (h, w) float.
         regions: (h, w) int64, e.g. semantic connected components; pixels < 0 take part in
             nothing and are their own roots.
+        edges: :func:`same_region_edges` of ``regions``, if already computed.
 
     Returns:
         (h * w,) int64 flat index of each pixel's root (a local maximum of its region).
@@ -47,16 +52,16 @@ def ascent_roots(seed_map: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
             f"and {tuple(regions.shape)}."
         )
     num_pixels = seed_map.numel()
-    # Unique ranks by (value, index): a stable sort keeps equal values in raster order.
-    order = torch.argsort(seed_map.flatten(), stable=True)
-    rank = torch.empty_like(order).index_copy_(
-        0, order, torch.arange(num_pixels, device=order.device)
-    )
-    u, v = _same_region_edges(regions)
-    best = rank.clone()
-    best.scatter_reduce_(0, u, rank.index_select(0, v), "amax")
-    best.scatter_reduce_(0, v, rank.index_select(0, u), "amax")
-    parent = order.index_select(0, best)
+    u, v = same_region_edges(regions) if edges is None else edges
+    # Both directions of every edge: (from, to).
+    source, target = torch.cat([u, v]), torch.cat([v, u])
+    values = seed_map.flatten()
+    # The largest value around each pixel, then the largest index holding it (no sort).
+    best_value = values.clone().scatter_reduce_(0, source, values.index_select(0, target), "amax")
+    index = torch.arange(num_pixels, device=values.device)
+    parent = torch.where(values == best_value, index, -1)
+    holds_best = values.index_select(0, target) == best_value.index_select(0, source)
+    parent.scatter_reduce_(0, source[holds_best], target[holds_best], "amax")
     for _ in range(max(1, math.ceil(math.log2(max(num_pixels, 2))))):
         parent = parent.index_select(0, parent)
     return parent
@@ -68,6 +73,7 @@ def ridge_joined_pairs(
     roots: torch.Tensor,
     root_seed: torch.Tensor,
     saddle_depth: float,
+    edges: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Pairs of seeds whose basins meet on a ridge: two neighbouring pixels of one region, in the
@@ -80,11 +86,12 @@ def ridge_joined_pairs(
         roots: (h * w,) int64 root of each pixel (:func:`ascent_roots`).
         root_seed: (h * w,) int64 seed index of a root pixel, -1 for pixels that are no seed.
         saddle_depth: see above (>= 0).
+        edges: :func:`same_region_edges` of ``regions``, if already computed.
 
     Returns:
         (a, b) int64 seed indices of the joined pairs (possibly repeated).
     """
-    u, v = _same_region_edges(regions)
+    u, v = same_region_edges(regions) if edges is None else edges
     seed_u = root_seed.index_select(0, roots.index_select(0, u))
     seed_v = root_seed.index_select(0, roots.index_select(0, v))
     values = seed_map.flatten()

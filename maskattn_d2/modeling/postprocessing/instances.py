@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ascent import ascent_roots, ridge_joined_pairs
+from .ascent import ascent_roots, ridge_joined_pairs, same_region_edges
 from .clustering import _greedy_suppression, assign_to_seeds, cluster_embeddings, find_seeds
 from .components import _component_maxima, label_map_components
 
@@ -211,13 +211,14 @@ def _climb_to_seeds(
     largest seed index of their set."""
     num_seeds = seeds.numel()
     regions = torch.where(thing, components, -1)
-    roots = ascent_roots(seed_map, regions)
+    edges = same_region_edges(regions)
+    roots = ascent_roots(seed_map, regions, edges)
     root_seed = torch.full_like(roots, -1).index_copy_(
         0, seeds, torch.arange(num_seeds, device=seeds.device)
     )
     climbed = root_seed.index_select(0, roots.index_select(0, thing_pixels))
     seed_of_point = torch.where(climbed >= 0, climbed, seed_of_point)
-    a, b = ridge_joined_pairs(seed_map, regions, roots, root_seed, saddle_depth)
+    a, b = ridge_joined_pairs(seed_map, regions, roots, root_seed, saddle_depth, edges)
     if a.numel() == 0:
         return seed_of_point
     representative = _component_maxima(num_seeds, a, b)
