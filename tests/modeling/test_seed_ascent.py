@@ -152,6 +152,16 @@ def test_seed_ascent_needs_a_seed_and_falls_back_to_offsets():
     assert torch.equal(ascent, offsets) and ascent[sem.flatten() == 1].unique().numel() == 1
 
 
+def test_spatial_instance_map_rejects_an_unknown_assignment():
+    sem, logits, head_outputs = _touching_pair()
+    with pytest.raises(ValueError, match="assignment must be one of"):
+        spatial_instance_map(
+            sem, logits, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
+            seed_min_distance=3.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
+            assignment="watershed",
+        )
+
+
 def test_postprocessor_rejects_bad_seed_assignment_settings():
     with pytest.raises(ValueError, match="seed_assignment must be one of"):
         MaskAttnPostProcessor(num_classes=2, thing_ids=[1], seed_assignment="watershed")

@@ -274,6 +274,8 @@ def spatial_instance_map(
         mean probability of the instance's class times its seed value (for seedless
         components, the largest seed value in them).
     """
+    if assignment not in SEED_ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {SEED_ASSIGNMENTS}, got '{assignment}'.")
     h, w = sem.shape
     device = sem.device
     offsets, seed_map = head_outputs["offsets"], torch.sigmoid(head_outputs["seed_logits"][0])
