@@ -112,9 +112,17 @@ def _touching_pair():
     return sem, logits, head_outputs
 
 
-@pytest.mark.parametrize("assignment", ["offsets", "seed_ascent"])
-def test_seed_ascent_puts_the_boundary_in_the_valley(assignment):
+@pytest.mark.parametrize(
+    "assignment, twin_peak",
+    [("offsets", False), ("seed_ascent", False), ("seed_ascent", True)],
+)
+def test_seed_ascent_puts_the_boundary_in_the_valley(assignment, twin_peak):
+    """With ``twin_peak`` the left peak is two equal pixels: find_seeds keeps the first, the
+    climb ends at the second (ties go to the larger raster index), and the basin must still
+    join the kept seed."""
     sem, logits, head_outputs = _touching_pair()
+    if twin_peak:
+        head_outputs["seed_logits"][0, 5, 6] = head_outputs["seed_logits"][0, 5, 5]
     instance_map, _, _ = spatial_instance_map(
         sem, logits, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
         seed_min_distance=3.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,

@@ -213,9 +213,13 @@ def _climb_to_seeds(
     regions = torch.where(thing, components, -1)
     edges = same_region_edges(regions)
     roots = ascent_roots(seed_map, regions, edges)
-    root_seed = torch.full_like(roots, -1).index_copy_(
-        0, seeds, torch.arange(num_seeds, device=seeds.device)
+    # A seed names the basin of its own root: on a plateau (equal neighbouring maxima)
+    # find_seeds keeps the first pixel while the climb drains to the last. Seeds sharing a
+    # basin give it to the strongest (lowest index).
+    root_seed = torch.full_like(roots, num_seeds).scatter_reduce_(
+        0, roots.index_select(0, seeds), torch.arange(num_seeds, device=seeds.device), "amin"
     )
+    root_seed = torch.where(root_seed < num_seeds, root_seed, -1)
     climbed = root_seed.index_select(0, roots.index_select(0, thing_pixels))
     seed_of_point = torch.where(climbed >= 0, climbed, seed_of_point)
     a, b = ridge_joined_pairs(seed_map, regions, roots, root_seed, saddle_depth, edges)
@@ -259,9 +263,10 @@ def spatial_instance_map(
        nearest (:func:`assign_to_seeds`). With ``embedding_weight`` > 0 the learned
        embeddings join the distance: ``w * (1 - cosine)`` is added, in squared pixels.
        With ``assignment="seed_ascent"`` a pixel first climbs the seed map (steepest ascent
-       inside its component, :func:`ascent_roots`): if it reaches a seed it joins that seed,
-       and only pixels that reach no seed (a maximum below the threshold or suppressed in 2)
-       keep their offset-nearest seed. Seeds whose basins meet on a ridge, less than
+       inside its component, :func:`ascent_roots`): if it ends where a seed's own climb ends
+       (the seed itself, or the last pixel of the seed's plateau) it joins that seed, and only
+       pixels that reach no seed (a maximum below the threshold or suppressed in 2) keep their
+       offset-nearest seed. Seeds whose basins meet on a ridge, less than
        ``saddle_depth`` below the lower of the two maxima (:func:`ridge_joined_pairs`), are
        one instance. The seed map dips where two objects touch, which locates their boundary
        better than offsets that change smoothly across it.
