@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from maskattn_d2.config import add_maskattn_config
 from maskattn_d2.data.datasets import register_synthetic_panoptic
 from maskattn_d2.modeling.losses import instance_depth
 
@@ -37,8 +39,20 @@ def test_oracle_seeds_one_per_instance_at_its_deepest_pixel_nearest_the_centroid
     assert torch.all(seeds[ids == 0] < 0)
 
 
-@pytest.mark.parametrize("assignment", ["offsets", "seed_ascent"])
-def test_ground_truth_rows_on_touching_scenes(headroom, tmp_path, assignment):
+def test_ground_truth_seed_rows_assign_by_offsets(headroom):
+    """Ground-truth seeds are points on a flat map: with a seed_ascent config their rows still
+    assign by offsets, the model's own rows climb."""
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "seed_ascent"
+    for row in headroom.ROWS:
+        post = headroom.row_config(cfg, row).MODEL.MASK_ATTN_POSTPROCESS
+        assert post.INSTANCE_METHOD == row[2]
+        assert post.SEED_ASSIGNMENT == ("offsets" if row[3] else "seed_ascent")
+    assert cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT == "seed_ascent"  # not modified
+
+
+def test_ground_truth_rows_on_touching_scenes(headroom, tmp_path):
     names = register_synthetic_panoptic(
         "test_headroom", str(tmp_path / "data"), num_train=1, num_val=4, touching=True
     )
@@ -46,8 +60,7 @@ def test_ground_truth_rows_on_touching_scenes(headroom, tmp_path, assignment):
         rows = headroom.main(
             ["--config-file", str(QUICK), "--dataset", "test_headroom_val",
              "--allow-random-weights", "--threads", "1", "--output-dir", str(tmp_path / "out"),
-             "INPUT.NETWORK_SIZE", "(128, 128)",
-             "MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT", assignment]
+             "INPUT.NETWORK_SIZE", "(128, 128)"]
         )
     finally:
         for name in names:

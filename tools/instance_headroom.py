@@ -181,6 +181,18 @@ def substitute_ground_truth(
     return sem_logits, heads
 
 
+def row_config(cfg, row: Tuple):
+    """The config of ``row``'s postprocessor: the model's, with the row's instance method."""
+    post_cfg = cfg.clone()
+    post_cfg.defrost()
+    post_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = row[2]
+    if row[3]:
+        # Ground-truth seeds are single points on a flat map: nothing to climb, so their rows
+        # assign pixels by offsets whatever SEED_ASSIGNMENT says.
+        post_cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "offsets"
+    return post_cfg
+
+
 def evaluate_rows(model: nn.Module, cfg, dataset: str, output_dir: str) -> List[Dict]:
     """Panoptic metrics of every row of ROWS: one pass over the dataset (the network and the
     ground truth once per image), each row with its own postprocessor and evaluator."""
@@ -188,14 +200,7 @@ def evaluate_rows(model: nn.Module, cfg, dataset: str, output_dir: str) -> List[
     ignore_label = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
     postprocessors, evaluators = [], []
     for index, row in enumerate(ROWS):
-        post_cfg = cfg.clone()
-        post_cfg.defrost()
-        post_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = row[2]
-        if row[3]:
-            # Ground-truth seeds are single points on a flat map: nothing to climb, so their
-            # rows assign pixels by offsets whatever SEED_ASSIGNMENT says.
-            post_cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "offsets"
-        postprocessors.append(build_postprocessor(post_cfg, thing_ids))
+        postprocessors.append(build_postprocessor(row_config(cfg, row), thing_ids))
         evaluator = build_evaluator(cfg, dataset, os.path.join(output_dir, "eval", f"row{index}"))
         evaluator.reset()
         evaluators.append(evaluator)

@@ -1,4 +1,4 @@
-"""Seed ascent: steepest ascent of the seed map against a looping reference, ridge joining, and
+"""Seed ascent: climbing the seed map, against a looping reference, ridge joining, and
 the "seed_ascent" assignment of spatial_instance_map where offsets put a boundary wrongly."""
 import pytest
 import torch
@@ -7,8 +7,14 @@ import torch.nn.functional as F
 from detectron2.config import get_cfg
 
 from maskattn_d2.config import add_maskattn_config
-from maskattn_d2.modeling.postprocessing import MaskAttnPostProcessor, spatial_instance_map
+from maskattn_d2.modeling.postprocessing import (
+    MaskAttnPostProcessor,
+    find_seeds,
+    spatial_instance_map,
+)
 from maskattn_d2.modeling.postprocessing.ascent import ascent_roots, ridge_joined_pairs
+from maskattn_d2.modeling.postprocessing.components import label_map_components
+from maskattn_d2.modeling.postprocessing.instances import _climb_to_seeds
 
 
 def _reference_roots(seed_map, regions):
@@ -30,11 +36,33 @@ def _reference_roots(seed_map, regions):
                         best = q
         return best
 
+    def neighbours(p):
+        y, x = divmod(p, w)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                q = (y + dy) * w + (x + dx)
+                if (dy or dx) and 0 <= y + dy < h and 0 <= x + dx < w and region[q] == region[p]:
+                    yield q
+
+    def flat_top(p):  # no neighbour of the region is higher
+        return region[p] >= 0 and all(values[q] <= values[p] for q in neighbours(p))
+
+    def plateau_root(p):  # the largest index of the flat top holding p (a flood fill)
+        if not flat_top(p):
+            return p
+        seen, stack = {p}, [p]
+        while stack:
+            for q in neighbours(stack.pop()):
+                if q not in seen and values[q] == values[p] and flat_top(q):
+                    seen.add(q)
+                    stack.append(q)
+        return max(seen)
+
     roots = []
     for p in range(h * w):
         while step(p) != p:
             p = step(p)
-        roots.append(p)
+        roots.append(plateau_root(p))
     return torch.tensor(roots)
 
 
@@ -51,6 +79,26 @@ def test_ascent_roots_match_a_loop_with_plateaus_and_regions(seed):
     assert torch.equal(roots.index_select(0, roots), roots)
     outside = torch.nonzero(regions.flatten() < 0).squeeze(1)
     assert torch.equal(roots[outside], outside)
+
+
+def test_a_bent_plateau_is_one_root():
+    """A flat top shaped like a V: climbing alone ends at two of its pixels (each has only
+    lower-index equal neighbours); the whole plateau must be one root."""
+    seed_map = torch.full((5, 7), 0.5)
+    for y, x in ((1, 3), (2, 2), (2, 4), (3, 1), (3, 5)):
+        seed_map[y, x] = 0.9
+    regions = torch.zeros(5, 7, dtype=torch.long)
+    roots = ascent_roots(seed_map, regions)
+    assert roots.unique().tolist() == [3 * 7 + 5]
+    assert torch.equal(roots, _reference_roots(seed_map, regions))
+
+
+def test_nan_pixels_are_their_own_roots():
+    seed_map = torch.rand(6, 6, generator=torch.Generator().manual_seed(0))
+    seed_map[2, 3] = float("nan")
+    roots = ascent_roots(seed_map, torch.zeros(6, 6, dtype=torch.long))
+    assert roots[2 * 6 + 3] == 2 * 6 + 3
+    assert torch.all((roots >= 0) & (roots < 36))
 
 
 def test_ascent_on_a_long_ramp_reaches_its_top():
@@ -158,6 +206,43 @@ def test_seed_ascent_needs_a_seed_and_falls_back_to_offsets():
     )
     # One seed: both assignments give the whole component to it.
     assert torch.equal(ascent, offsets) and ascent[sem.flatten() == 1].unique().numel() == 1
+    # No seed (threshold above every value): the component is one instance either way.
+    common["seed_threshold"] = 0.999
+    none_ascent, _, _ = spatial_instance_map(
+        sem, logits, head_outputs, torch.tensor([False, True]), assignment="seed_ascent", **common
+    )
+    none_offsets, _, _ = spatial_instance_map(
+        sem, logits, head_outputs, torch.tensor([False, True]), assignment="offsets", **common
+    )
+    assert torch.equal(none_ascent, none_offsets)
+    assert none_ascent[sem.flatten() == 1].unique().tolist() == [0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_every_kept_seed_keeps_its_own_basin(seed):
+    """On quantised random maps (many plateaus, several classes), each seed of find_seeds
+    either labels its own pixel or shares its basin with a stronger seed, and every pixel
+    whose climb ends on a seed's root joins a seed."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = 14, 16
+    sem = torch.randint(0, 3, (h, w), generator=g)
+    seed_map = torch.randint(0, 5, (h, w), generator=g).float() / 4
+    thing = sem > 0
+    components = label_map_components(sem, thing, connectivity=8)
+    seeds = find_seeds(seed_map, thing, threshold=0.4, max_seeds=50)
+    thing_pixels = torch.nonzero(thing.flatten()).squeeze(1)
+    unassigned = torch.full((thing_pixels.numel(),), -1)
+    labels = _climb_to_seeds(
+        seed_map, components, thing, seeds, thing_pixels, unassigned, saddle_depth=0.0
+    )
+    row = {int(p): i for i, p in enumerate(thing_pixels)}
+    roots = ascent_roots(seed_map, torch.where(thing, components, -1))
+    for k, pixel in enumerate(seeds.tolist()):
+        own = int(labels[row[pixel]])
+        assert own == k or (own < k and roots[seeds[own]] == roots[pixel])
+    seed_roots = set(roots[seeds].tolist())
+    climbed = torch.tensor([int(roots[p]) in seed_roots for p in thing_pixels.tolist()])
+    assert torch.all(labels[climbed] >= 0) and torch.all(labels[~climbed] == -1)
 
 
 def test_spatial_instance_map_rejects_an_unknown_assignment():

@@ -5,7 +5,7 @@ standard outputs, one job per module:
 - :mod:`.instances`: the instance methods (``INSTANCE_METHODS``), each giving one instance
   label map;
 - :mod:`.clustering`: embedding clustering, seeds of the seed map, assignment to seeds;
-- :mod:`.ascent`: steepest ascent of the seed map and ridges between its basins;
+- :mod:`.ascent`: climbing the seed map to its maxima, and ridges between their basins;
 - :mod:`.components`: connected components of label maps;
 - :mod:`.merge`: the panoptic merge of instances and stuff;
 - :mod:`.upsample`: the segment map at the output size with smooth thing boundaries.

@@ -1,13 +1,13 @@
-"""Grouping pixels by climbing the seed map: every pixel follows its steepest uphill neighbour
-to a local maximum (a watershed by steepest ascent, as Cellpose follows its flows to their
-sinks), and basins whose maxima are joined by a ridge are one instance. Vectorised torch
-(pointer jumping over the grid's edges, no per-pixel Python loops) on CPU and CUDA."""
+"""Grouping pixels by climbing the seed map: every pixel steps to its highest neighbour until it
+reaches a local maximum (a watershed, as Cellpose follows its flows to their sinks), and
+basins whose maxima are joined by a ridge are one instance. Vectorised torch (pointer jumping
+over the grid's edges, no per-pixel Python loops) on CPU and CUDA."""
 import math
 from typing import Optional, Tuple
 
 import torch
 
-from .components import _grid_edges
+from .components import _component_maxima, _grid_edges
 
 __all__ = ["ascent_roots", "ridge_joined_pairs", "same_region_edges"]
 
@@ -30,12 +30,15 @@ def ascent_roots(
     edges: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """
-    The local maximum each pixel reaches by steepest ascent of the seed map inside its region.
+    The local maximum each pixel reaches by climbing the seed map inside its region.
 
     A pixel's next step is the pixel of largest (value, raster index) among itself and its
-    8 neighbours of the same region: the raster index breaks ties, so a plateau drains to one
-    pixel and no path loops. Following these steps by pointer jumping (each jump doubles the
-    distance covered) takes ceil(log2(h * w)) gathers, with no host sync.
+    8 neighbours of the same region (the highest neighbour; the raster index breaks ties, so
+    no path loops). Following these steps by pointer jumping (each jump doubles the distance
+    covered) takes ceil(log2(h * w)) gathers. A flat top (a plateau of equal maxima, e.g. a
+    saturated sigmoid) can still end several paths; its pixels are joined into one root, the
+    plateau's largest raster index (connected components, a few host syncs, only where equal
+    neighbouring maxima exist). NaN values are their own roots.
 
     Args:
         seed_map: (h, w) float.
@@ -62,8 +65,19 @@ def ascent_roots(
     parent = torch.where(values == best_value, index, -1)
     holds_best = values.index_select(0, target) == best_value.index_select(0, source)
     parent.scatter_reduce_(0, source[holds_best], target[holds_best], "amax")
+    parent = torch.where(parent < 0, index, parent)  # NaN: equal to nothing, not even itself
     for _ in range(max(1, math.ceil(math.log2(max(num_pixels, 2))))):
         parent = parent.index_select(0, parent)
+    # Flat tops: neighbouring pixels of equal value with no higher neighbour are one root.
+    top = values == best_value
+    flat = (
+        top.index_select(0, u)
+        & top.index_select(0, v)
+        & (values.index_select(0, u) == values.index_select(0, v))
+    )
+    if bool(flat.any()):
+        plateau = _component_maxima(num_pixels, u[flat], v[flat])
+        parent = plateau.index_select(0, parent)
     return parent
 
 

@@ -262,14 +262,16 @@ def spatial_instance_map(
        centre of its instance is); it joins the seed of its component whose embedding is
        nearest (:func:`assign_to_seeds`). With ``embedding_weight`` > 0 the learned
        embeddings join the distance: ``w * (1 - cosine)`` is added, in squared pixels.
-       With ``assignment="seed_ascent"`` a pixel first climbs the seed map (steepest ascent
-       inside its component, :func:`ascent_roots`): if it ends where a seed's own climb ends
-       (the seed itself, or the last pixel of the seed's plateau) it joins that seed, and only
-       pixels that reach no seed (a maximum below the threshold or suppressed in 2) keep their
-       offset-nearest seed. Seeds whose basins meet on a ridge, less than
+       With ``assignment="seed_ascent"`` a pixel first climbs the seed map (to its highest
+       neighbour, step by step, inside its component: :func:`ascent_roots`): if it ends where
+       a seed's own climb ends (the seed itself or its plateau) it joins that seed, and only
+       pixels that reach no seed keep their offset-nearest seed (a maximum below the
+       threshold, suppressed in 2, beyond ``max_instances``, or no peak for find_seeds, whose
+       window also sees other thing classes). Seeds whose basins meet on a ridge, less than
        ``saddle_depth`` below the lower of the two maxima (:func:`ridge_joined_pairs`), are
        one instance. The seed map dips where two objects touch, which locates their boundary
-       better than offsets that change smoothly across it.
+       better than offsets that change smoothly across it. (With ``within_components`` False
+       only the pixels that fall back to offsets may join another component's seed.)
     4. With ``merge_ratio`` > 0, instances of one component whose pixels point at one place
        are merged (:func:`merge_split_instances`): a second seed on one object splits it.
     5. A component without a seed becomes one instance (as connected components would).
