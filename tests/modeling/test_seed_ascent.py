@@ -160,6 +160,17 @@ def _touching_pair():
     return sem, logits, head_outputs
 
 
+def _pair_instances(sem, logits, head_outputs, assignment, seed_threshold=0.5):
+    """spatial_instance_map of a (sem, logits, head_outputs) scene with one thing class, with
+    the settings every test here shares."""
+    instance_map, _, _ = spatial_instance_map(
+        sem, logits, head_outputs, torch.tensor([False, True], device=sem.device),
+        seed_threshold=seed_threshold, seed_min_distance=3.0, embedding_weight=0.0,
+        min_instance_area=4, max_instances=10, merge_ratio=1.0, assignment=assignment,
+    )
+    return instance_map
+
+
 @pytest.mark.parametrize(
     "assignment, twin_peak",
     [("offsets", False), ("seed_ascent", False), ("seed_ascent", True)],
@@ -171,12 +182,7 @@ def test_seed_ascent_puts_the_boundary_in_the_valley(assignment, twin_peak):
     sem, logits, head_outputs = _touching_pair()
     if twin_peak:
         head_outputs["seed_logits"][0, 5, 6] = head_outputs["seed_logits"][0, 5, 5]
-    instance_map, _, _ = spatial_instance_map(
-        sem, logits, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
-        seed_min_distance=3.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
-        merge_ratio=1.0, assignment=assignment,
-    )
-    instance_map = instance_map.view(sem.shape)
+    instance_map = _pair_instances(sem, logits, head_outputs, assignment).view(sem.shape)
     left, right = instance_map[2:10, 2:10], instance_map[2:10, 10:18]
     assert right.unique().numel() == 1
     if assignment == "seed_ascent":
@@ -194,26 +200,13 @@ def test_seed_ascent_needs_a_seed_and_falls_back_to_offsets():
     seed_map = torch.sigmoid(head_outputs["seed_logits"][0])
     seed_map[:, 10:] *= 0.4  # the right peak falls below the threshold
     head_outputs = dict(head_outputs, seed_logits=torch.logit(seed_map.clamp(1e-4, 1 - 1e-4))[None])
-    common = dict(
-        seed_threshold=0.5, seed_min_distance=3.0, embedding_weight=0.0, min_instance_area=4,
-        max_instances=10, merge_ratio=1.0,
-    )
-    ascent, _, _ = spatial_instance_map(
-        sem, logits, head_outputs, torch.tensor([False, True]), assignment="seed_ascent", **common
-    )
-    offsets, _, _ = spatial_instance_map(
-        sem, logits, head_outputs, torch.tensor([False, True]), assignment="offsets", **common
-    )
+    ascent = _pair_instances(sem, logits, head_outputs, "seed_ascent")
+    offsets = _pair_instances(sem, logits, head_outputs, "offsets")
     # One seed: both assignments give the whole component to it.
     assert torch.equal(ascent, offsets) and ascent[sem.flatten() == 1].unique().numel() == 1
     # No seed (threshold above every value): the component is one instance either way.
-    common["seed_threshold"] = 0.999
-    none_ascent, _, _ = spatial_instance_map(
-        sem, logits, head_outputs, torch.tensor([False, True]), assignment="seed_ascent", **common
-    )
-    none_offsets, _, _ = spatial_instance_map(
-        sem, logits, head_outputs, torch.tensor([False, True]), assignment="offsets", **common
-    )
+    none_ascent = _pair_instances(sem, logits, head_outputs, "seed_ascent", seed_threshold=0.999)
+    none_offsets = _pair_instances(sem, logits, head_outputs, "offsets", seed_threshold=0.999)
     assert torch.equal(none_ascent, none_offsets)
     assert none_ascent[sem.flatten() == 1].unique().tolist() == [0]
 
@@ -248,11 +241,7 @@ def test_every_kept_seed_keeps_its_own_basin(seed):
 def test_spatial_instance_map_rejects_an_unknown_assignment():
     sem, logits, head_outputs = _touching_pair()
     with pytest.raises(ValueError, match="assignment must be one of"):
-        spatial_instance_map(
-            sem, logits, head_outputs, torch.tensor([False, True]), seed_threshold=0.5,
-            seed_min_distance=3.0, embedding_weight=0.0, min_instance_area=4, max_instances=10,
-            assignment="watershed",
-        )
+        _pair_instances(sem, logits, head_outputs, "watershed")
 
 
 def test_postprocessor_rejects_bad_seed_assignment_settings():
@@ -274,13 +263,8 @@ def test_config_keys_reach_the_postprocessor():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_seed_ascent_is_the_same_on_cuda():
     sem, logits, head_outputs = _touching_pair()
-    args = dict(
-        seed_threshold=0.5, seed_min_distance=3.0, embedding_weight=0.0, min_instance_area=4,
-        max_instances=10, merge_ratio=1.0, assignment="seed_ascent",
-    )
-    cpu, _, _ = spatial_instance_map(sem, logits, head_outputs, torch.tensor([False, True]), **args)
-    cuda, _, _ = spatial_instance_map(
-        sem.cuda(), logits.cuda(), {k: v.cuda() for k, v in head_outputs.items()},
-        torch.tensor([False, True]).cuda(), **args,
+    cpu = _pair_instances(sem, logits, head_outputs, "seed_ascent")
+    cuda = _pair_instances(
+        sem.cuda(), logits.cuda(), {k: v.cuda() for k, v in head_outputs.items()}, "seed_ascent"
     )
     assert torch.equal(cpu, cuda.cpu())

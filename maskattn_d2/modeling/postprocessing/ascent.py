@@ -106,16 +106,13 @@ def ridge_joined_pairs(
         (a, b) int64 seed indices of the joined pairs (possibly repeated).
     """
     u, v = same_region_edges(regions) if edges is None else edges
-    seed_u = root_seed.index_select(0, roots.index_select(0, u))
-    seed_v = root_seed.index_select(0, roots.index_select(0, v))
-    values = seed_map.flatten()
+    root_u, root_v = roots.index_select(0, u), roots.index_select(0, v)
+    seed_u, seed_v = root_seed.index_select(0, root_u), root_seed.index_select(0, root_v)
     between = (seed_u >= 0) & (seed_v >= 0) & (seed_u != seed_v)
-    u, v = u[between], v[between]
-    seed_u, seed_v = seed_u[between], seed_v[between]
-    saddle = torch.minimum(values.index_select(0, u), values.index_select(0, v))
+    values = seed_map.flatten()
+    saddle = torch.minimum(values.index_select(0, u[between]), values.index_select(0, v[between]))
     lower_peak = torch.minimum(
-        values.index_select(0, roots.index_select(0, u)),
-        values.index_select(0, roots.index_select(0, v)),
+        values.index_select(0, root_u[between]), values.index_select(0, root_v[between])
     )
     ridge = lower_peak - saddle < saddle_depth
-    return seed_u[ridge], seed_v[ridge]
+    return seed_u[between][ridge], seed_v[between][ridge]
