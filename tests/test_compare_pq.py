@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from maskattn_d2.data.datasets import register_synthetic_panoptic
@@ -116,3 +117,69 @@ def test_rows_compare_single_pass_inference(compare_pq, tiny_pair, tmp_path):
     cfg = compare_pq.maskattn_config(args, f"{tiny_pair}_train", f"{tiny_pair}_val")
     assert not cfg.TEST.AUG.ENABLED
     assert cfg.INPUT.NETWORK_SIZE == (256, 256)  # the rest of the config is the file's
+
+
+def _rows(seed, spatial, cc, pq_st=90.0):
+    """compare_pq rows of one training: two MaskAttn-UNet methods and a peer."""
+    def row(model, pq_th, method=None):
+        r = {"model": model, "seed": seed, "PQ": pq_th / 2 + pq_st / 2, "PQ_th": pq_th,
+             "PQ_st": pq_st, "SQ": 80.0, "RQ": 90.0, "train_s": 1.0, "params_m": 1.0}
+        if method:
+            r["instance_method"] = method
+        return r
+    return [row("MaskAttn-UNet (spatial embedding)", spatial, "spatial_embedding"),
+            row("MaskAttn-UNet (connected components)", cc, "connected_components"),
+            row("Panoptic-DeepLab (R18, OS16)", 30.0 + seed)]
+
+
+def test_summary_over_trainings_pairs_each_method_with_its_own_connected_components(compare_pq):
+    rows = _rows(0, 50.0, 40.0) + _rows(1, 40.0, 36.0, pq_st=92.0) + _rows(2, 45.0, 33.0)
+    summary = compare_pq.summarize_trainings(rows)
+    assert [s["model"] for s in summary] == [r["model"] for r in rows[:3]]
+    spatial, connected, pdl = summary
+    assert spatial["trainings"] == 3
+    assert spatial["PQ_th"] == pytest.approx(45.0) and spatial["PQ_th_sd"] == pytest.approx(5.0)
+    assert spatial["PQ_st"] == pytest.approx(272 / 3)
+    assert (spatial["PQ_th_min"], spatial["PQ_th_max"]) == (40.0, 50.0)
+    # Gaps seed by seed (10, 4, 12), not the difference of the means alone.
+    assert spatial["gaps"] == [10.0, 4.0, 12.0]
+    assert spatial["gap_to_connected_components"] == pytest.approx(26 / 3)
+    assert spatial["gap_to_connected_components_sd"] == pytest.approx(
+        ((10 - 26 / 3) ** 2 + (4 - 26 / 3) ** 2 + (12 - 26 / 3) ** 2) ** 0.5 / 2 ** 0.5
+    )
+    assert connected["gap_to_connected_components"] is None
+    assert pdl["gap_to_connected_components"] is None and pdl["PQ_th"] == pytest.approx(31.0)
+    table = compare_pq.format_summary(summary)
+    assert "| MaskAttn-UNet (spatial embedding) | 3 |" in table
+    assert "45.0 ± 5.0" in table and "+8.67 ± 4.16 (+10.00, +4.00, +12.00)" in table
+    assert "| Panoptic-DeepLab (R18, OS16) | 3 |" in table and "30.0 - 32.0 | - |" in table
+
+
+def test_seeds_must_be_distinct(compare_pq):
+    args = compare_pq.get_parser().parse_args(["--seeds", "0", "1", "0"])
+    with pytest.raises(ValueError, match="--seeds must be distinct"):
+        compare_pq._check_args(args)
+
+
+def test_seeds_train_once_per_seed_and_summarise(compare_pq, tiny_pair, tmp_path):
+    out = tmp_path / "out"
+    rows = compare_pq.main(
+        ["--dataset", tiny_pair, "--models", "maskattn", "--config-file", str(QUICK),
+         "--iters", "2", "--batch-size", "2", "--threads", "1", "--seeds", "3", "5",
+         "--output-dir", str(out)]
+    )
+    methods = len(INSTANCE_METHODS)
+    assert [r["seed"] for r in rows] == [3] * methods + [5] * methods
+    weights = [torch.load(out / f"seed_{s}" / "maskattn_unet" / "model_final.pth")["model"]
+               for s in (3, 5)]
+    # Another seed is another initialisation: the trainings differ.
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
+               if weights[0][k].is_floating_point())
+    saved = json.loads((out / "compare_pq.json").read_text())
+    assert saved["rows"] == rows and saved["summary"] == compare_pq.summarize_trainings(rows)
+    spatial = saved["summary"][0]
+    assert spatial["trainings"] == 2
+    assert spatial["PQ_th"] == pytest.approx((rows[0]["PQ_th"] + rows[methods]["PQ_th"]) / 2)
+    table = (out / "compare_pq.md").read_text()
+    assert "## Over 2 trainings (seeds 3, 5)" in table and "## Seed 3" in table
+    assert "## Seed 5" in table and compare_pq.format_summary(saved["summary"]) in table
