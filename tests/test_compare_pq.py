@@ -152,12 +152,13 @@ def test_summary_over_trainings_pairs_each_method_with_its_own_connected_compone
     table = compare_pq.format_summary(summary)
     assert "| MaskAttn-UNet (spatial embedding) | 3 |" in table
     assert "45.0 ± 5.0" in table and "+8.67 ± 4.16 (+10.00, +4.00, +12.00)" in table
-    assert "| Panoptic-DeepLab (R18, OS16) | 3 |" in table and "30.0 - 32.0 | - |" in table
+    assert "| Panoptic-DeepLab (R18, OS16) | 3 |" in table and "30.0 to 32.0 | - |" in table
 
 
-def test_seeds_must_be_distinct(compare_pq):
-    args = compare_pq.get_parser().parse_args(["--seeds", "0", "1", "0"])
-    with pytest.raises(ValueError, match="--seeds must be distinct"):
+@pytest.mark.parametrize("seeds", [["0", "1", "0"], ["4"]])
+def test_seeds_must_be_two_or_more_distinct(compare_pq, seeds):
+    args = compare_pq.get_parser().parse_args(["--seeds", *seeds])
+    with pytest.raises(ValueError, match="--seeds needs two or more distinct seeds"):
         compare_pq._check_args(args)
 
 
@@ -175,11 +176,17 @@ def test_seeds_train_once_per_seed_and_summarise(compare_pq, tiny_pair, tmp_path
     # Another seed is another initialisation: the trainings differ.
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
                if weights[0][k].is_floating_point())
+    # Each seed's training is the one --seed gives.
+    compare_pq.main(
+        ["--dataset", tiny_pair, "--models", "maskattn", "--config-file", str(QUICK),
+         "--iters", "2", "--batch-size", "2", "--threads", "1", "--seed", "5",
+         "--output-dir", str(tmp_path / "single")]
+    )
+    single = torch.load(tmp_path / "single" / "maskattn_unet" / "model_final.pth")["model"]
+    assert all(torch.equal(single[k], weights[1][k]) for k in single)
     saved = json.loads((out / "compare_pq.json").read_text())
     assert saved["rows"] == rows and saved["summary"] == compare_pq.summarize_trainings(rows)
-    spatial = saved["summary"][0]
-    assert spatial["trainings"] == 2
-    assert spatial["PQ_th"] == pytest.approx((rows[0]["PQ_th"] + rows[methods]["PQ_th"]) / 2)
+    assert [s["trainings"] for s in saved["summary"]] == [2] * methods
     table = (out / "compare_pq.md").read_text()
     assert "## Over 2 trainings (seeds 3, 5)" in table and "## Seed 3" in table
     assert "## Seed 5" in table and compare_pq.format_summary(saved["summary"]) in table

@@ -44,9 +44,10 @@ are told apart; PQ_st depends only on the semantic segmentation.
 One training of a small budget varies a lot with its seed (initialisation and data order; on
 DSB 2018 at 400 x 8, PQ_th spans 32-51 over eight seeds), often more than the difference being
 measured. ``--seeds`` trains every model once per seed (each in ``--output-dir/seed_<s>``; the
-generated synthetic data stays that of ``--seed``), prints each seed's table and a summary: the
-mean and standard deviation of every row over the trainings, and for MaskAttn-UNet's instance
-methods their PQ_th minus that of connected components on the same weights, seed by seed.
+generated synthetic data stays that of ``--seed``), prints each seed's table and a summary: per
+row, the mean and standard deviation of PQ, PQ_th and PQ_st over the trainings, the range of
+PQ_th, and for MaskAttn-UNet's instance methods their PQ_th minus that of connected components
+on the same weights, seed by seed.
 """
 import argparse
 import copy
@@ -131,8 +132,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="seed of the models (and of the generated synthetic data)")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=None, metavar="SEED",
-        help="train every model once per seed (initialisation and data order; generated data "
-        "stays that of --seed) and summarise the rows over the trainings (mean ± sd)",
+        help="two or more seeds: train every model once per seed (initialisation and data "
+        "order; generated data stays that of --seed) and summarise the rows over the "
+        "trainings (mean ± sd)",
     )
     parser.add_argument("--output-dir", default="./output/compare_pq")
     parser.add_argument(
@@ -145,8 +147,10 @@ def get_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     if args.iters < 1 or args.batch_size < 2:
         raise ValueError("--iters must be >= 1 and --batch-size >= 2 (BatchNorm in training)")
-    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"--seeds must be distinct, got {args.seeds}")
+    if args.seeds is not None and (len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds)):
+        raise ValueError(
+            f"--seeds needs two or more distinct seeds, got {args.seeds} (one training: --seed)"
+        )
     if args.dataset in GENERATED_DATASETS and (
         args.num_train < args.batch_size or args.num_val < 1
     ):
@@ -395,6 +399,8 @@ def summarize_trainings(rows: Sequence[Dict]) -> List[Dict]:
 
 
 def format_summary(summary: Sequence[Dict]) -> str:
+    """Markdown table of :func:`summarize_trainings`: per row, mean ± sd of PQ, PQ_th and
+    PQ_st, the PQ_th range and the gap to connected components with its per-seed values."""
     header = (
         "| Model | Trainings | PQ | **PQ_th** | PQ_st | PQ_th range | "
         "PQ_th - connected components (same weights) |"
@@ -409,7 +415,7 @@ def format_summary(summary: Sequence[Dict]) -> str:
         lines.append(
             f"| {s['model']} | {s['trainings']} | {s['PQ']:.1f} ± {s['PQ_sd']:.1f} | "
             f"{s['PQ_th']:.1f} ± {s['PQ_th_sd']:.1f} | {s['PQ_st']:.1f} ± {s['PQ_st_sd']:.1f} | "
-            f"{s['PQ_th_min']:.1f} - {s['PQ_th_max']:.1f} | {gap_text} |"
+            f"{s['PQ_th_min']:.1f} to {s['PQ_th_max']:.1f} | {gap_text} |"
         )
     return "\n".join(lines)
 

@@ -297,6 +297,26 @@ def test_two_seeds_on_one_object_merge_but_touching_objects_stay_apart():
     assert len({merged[0], touching_a[0], touching_b[0]}) == 3
 
 
+def test_a_seed_without_pixels_does_not_chain_instances_near_the_origin():
+    """Seed 2 lost its pixels (its basin went to a stronger seed). Instances 0 and 1 point at
+    (1, 0) and (0, 1), too far apart to merge (1.41 > radius 1.13); an empty seed's centre
+    would be the origin, within a radius of both, and chain them into one."""
+    from maskattn_d2.modeling.postprocessing.instances import merge_split_instances
+
+    spatial = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+    seed_of_point = torch.tensor([0] * 4 + [1] * 4)
+    merged = merge_split_instances(
+        spatial, seed_of_point, torch.zeros(3, dtype=torch.long), num_seeds=3, merge_ratio=1.0
+    )
+    assert merged.tolist() == seed_of_point.tolist()
+    # With the second instance's pixels closer (within its radius) the two do merge.
+    spatial[4:] = torch.tensor([0.5, 0.5])
+    merged = merge_split_instances(
+        spatial, seed_of_point, torch.zeros(3, dtype=torch.long), num_seeds=3, merge_ratio=1.0
+    )
+    assert len(set(merged.tolist())) == 1
+
+
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 def test_window_max_equals_max_pool(kernel_size):
     from maskattn_d2.modeling.postprocessing.clustering import _window_max

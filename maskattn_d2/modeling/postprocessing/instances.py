@@ -192,6 +192,10 @@ def merge_split_instances(
         radius[:, None], radius[None, :]
     )
     close &= seed_groups[:, None] == seed_groups[None, :]
+    # A seed left without pixels (its basin went to a stronger seed) has no centre: it sits at
+    # the origin and would chain instances there together.
+    has_pixels = area > 0
+    close &= has_pixels[:, None] & has_pixels[None, :]
     u, v = torch.nonzero(close.triu_(diagonal=1), as_tuple=True)
     root = _component_maxima(num_seeds, u, v)
     return torch.where(assigned, root.index_select(0, seed_of_point.clamp(min=0)), -1)
