@@ -156,8 +156,9 @@ def add_maskattn_config(cfg):
     cfg.MODEL.MASK_ATTN_POSTPROCESS.MERGE_RATIO = 1.0
     # "spatial_embedding": how a pixel picks its seed. "offsets": the seed nearest to where
     # its offset points. "seed_ascent": the seed it reaches by climbing the seed map (to the
-    # highest neighbour, step by step, inside its component: a watershed), which follows the dip of the seed map where
-    # objects touch; pixels that reach no seed fall back to their offsets.
+    # highest neighbour, step by step, inside its component: a watershed), which follows the
+    # dip of the seed map where objects touch; pixels that reach no seed fall back to their
+    # offsets.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "offsets"
     # "seed_ascent": two seeds whose basins meet less than this below the lower seed value (a
     # ridge, not a valley) are one instance (>= 0; 0 never joins).

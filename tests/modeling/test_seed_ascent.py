@@ -112,7 +112,9 @@ def _two_bumps(dip):
     """Two peaks (0.9 and 0.8) at columns 3 and 11 of one 7 x 15 region, the seed map falling
     linearly to ``dip`` at column 7 between them."""
     xs = torch.arange(15.0)
-    row = torch.where(xs <= 7, 0.9 - (0.9 - dip) * (xs - 3).abs() / 4, 0.8 - (0.8 - dip) * (xs - 11).abs() / 4)
+    row = torch.where(
+        xs <= 7, 0.9 - (0.9 - dip) * (xs - 3).abs() / 4, 0.8 - (0.8 - dip) * (xs - 11).abs() / 4
+    )
     row[:3], row[12:] = row[3] - 0.05 * (3 - xs[:3]), row[11] - 0.05 * (xs[12:] - 11)
     seed_map = row.expand(7, 15).clone()
     seed_map[:, 3] += 0.01 * (3 - (torch.arange(7.0) - 3).abs())  # one maximum per peak
@@ -156,7 +158,8 @@ def _touching_pair():
     offsets[1, :, 8:10] = 2.5
     offsets *= sem == 1
     logits = F.one_hot(sem, 2).permute(2, 0, 1).float() * 30
-    head_outputs = {"offsets": offsets, "seed_logits": torch.logit(seed_map.clamp(1e-4, 1 - 1e-4))[None]}
+    seed_logits = torch.logit(seed_map.clamp(1e-4, 1 - 1e-4))[None]
+    head_outputs = {"offsets": offsets, "seed_logits": seed_logits}
     return sem, logits, head_outputs
 
 
@@ -224,9 +227,8 @@ def test_every_kept_seed_keeps_its_own_basin(seed):
     components = label_map_components(sem, thing, connectivity=8)
     seeds = find_seeds(seed_map, thing, threshold=0.4, max_seeds=50)
     thing_pixels = torch.nonzero(thing.flatten()).squeeze(1)
-    unassigned = torch.full((thing_pixels.numel(),), -1)
-    labels = _climb_to_seeds(
-        seed_map, components, thing, seeds, thing_pixels, unassigned, saddle_depth=0.0
+    labels, _, _ = _climb_to_seeds(
+        seed_map, components, thing, seeds, thing_pixels, saddle_depth=0.0
     )
     row = {int(p): i for i, p in enumerate(thing_pixels)}
     roots = ascent_roots(seed_map, torch.where(thing, components, -1))

@@ -60,10 +60,11 @@ def ascent_roots(
     source, target = torch.cat([u, v]), torch.cat([v, u])
     values = seed_map.flatten()
     # The largest value around each pixel, then the largest index holding it (no sort).
-    best_value = values.clone().scatter_reduce_(0, source, values.index_select(0, target), "amax")
+    target_values = values.index_select(0, target)
+    best_value = values.clone().scatter_reduce_(0, source, target_values, "amax")
     index = torch.arange(num_pixels, device=values.device)
     parent = torch.where(values == best_value, index, -1)
-    holds_best = values.index_select(0, target) == best_value.index_select(0, source)
+    holds_best = target_values == best_value.index_select(0, source)
     parent.scatter_reduce_(0, source[holds_best], target[holds_best], "amax")
     parent = torch.where(parent < 0, index, parent)  # NaN: equal to nothing, not even itself
     for _ in range(max(1, math.ceil(math.log2(max(num_pixels, 2))))):

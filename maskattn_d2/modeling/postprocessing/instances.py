@@ -197,8 +197,16 @@ def merge_split_instances(
     has_pixels = area > 0
     close &= has_pixels[:, None] & has_pixels[None, :]
     u, v = torch.nonzero(close.triu_(diagonal=1), as_tuple=True)
-    root = _component_maxima(num_seeds, u, v)
-    return torch.where(assigned, root.index_select(0, seed_of_point.clamp(min=0)), -1)
+    return _join_seeds(seed_of_point, num_seeds, u, v)
+
+
+def _join_seeds(
+    seed_of_point: torch.Tensor, num_seeds: int, a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """Each point's seed (or -1) replaced by the largest seed index of its set, the seeds
+    joined transitively by the pairs (a, b)."""
+    root = _component_maxima(num_seeds, a, b)
+    return torch.where(seed_of_point >= 0, root.index_select(0, seed_of_point.clamp(min=0)), -1)
 
 
 def _climb_to_seeds(
@@ -207,12 +215,11 @@ def _climb_to_seeds(
     thing: torch.Tensor,
     seeds: torch.Tensor,
     thing_pixels: torch.Tensor,
-    seed_of_point: torch.Tensor,
     saddle_depth: float,
-) -> torch.Tensor:
-    """The "seed_ascent" assignment of :func:`spatial_instance_map` (step 3): the seed each
-    thing pixel climbs to, else its ``seed_of_point``; seeds joined on a ridge become the
-    largest seed index of their set."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The climb of the "seed_ascent" assignment of :func:`spatial_instance_map` (step 3):
+    the seed each thing pixel climbs to (-1: none), and the pairs (a, b) of seeds whose basins
+    meet on a ridge."""
     num_seeds = seeds.numel()
     regions = torch.where(thing, components, -1)
     edges = same_region_edges(regions)
@@ -225,14 +232,8 @@ def _climb_to_seeds(
     )
     root_seed = torch.where(root_seed < num_seeds, root_seed, -1)
     climbed = root_seed.index_select(0, roots.index_select(0, thing_pixels))
-    seed_of_point = torch.where(climbed >= 0, climbed, seed_of_point)
     a, b = ridge_joined_pairs(seed_map, regions, roots, root_seed, saddle_depth, edges)
-    if a.numel() == 0:
-        return seed_of_point
-    representative = _component_maxima(num_seeds, a, b)
-    return torch.where(
-        seed_of_point >= 0, representative.index_select(0, seed_of_point.clamp(min=0)), -1
-    )
+    return climbed, a, b
 
 
 def spatial_instance_map(
@@ -317,16 +318,28 @@ def spatial_instance_map(
         seed_points = points.index_select(0, seed_rows)
     point_groups = components.index_select(0, thing_pixels)
     groups = point_groups if within_components else torch.zeros_like(point_groups)
-    seed_of_point = assign_to_seeds(
-        points, groups, seed_points, groups.index_select(0, seed_rows)
-    )
     num_seeds = seeds.numel()
     seed_groups = groups.index_select(0, seed_rows)
     if assignment == "seed_ascent" and num_seeds > 0:
-        seed_of_point = _climb_to_seeds(
-            seed_map, components.view(h, w), thing, seeds, thing_pixels, seed_of_point,
-            saddle_depth,
+        seed_of_point, a, b = _climb_to_seeds(
+            seed_map, components.view(h, w), thing, seeds, thing_pixels, saddle_depth
         )
+        # Offsets only for the pixels whose climb reached no seed.
+        fallback = torch.nonzero(seed_of_point < 0).squeeze(1)
+        seed_of_point.index_copy_(
+            0,
+            fallback,
+            assign_to_seeds(
+                points.index_select(0, fallback),
+                groups.index_select(0, fallback),
+                seed_points,
+                seed_groups,
+            ),
+        )
+        if a.numel() > 0:
+            seed_of_point = _join_seeds(seed_of_point, num_seeds, a, b)
+    else:
+        seed_of_point = assign_to_seeds(points, groups, seed_points, seed_groups)
     if merge_ratio > 0 and num_seeds > 1:
         seed_of_point = merge_split_instances(
             spatial, seed_of_point, seed_groups, num_seeds, merge_ratio
