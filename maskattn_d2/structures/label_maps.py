@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["resize_label_map", "label_map_boxes", "boxes_from_projections"]
+__all__ = ["resize_label_map", "label_map_boxes"]
 
 
 def resize_label_map(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -39,42 +39,31 @@ def label_map_boxes(
     """
     Tight boxes around the masks ``label_map == label`` for each of ``labels``, detectron2's
     ``BitMasks.get_bounding_boxes`` convention (x1, y1 inclusive, x2, y2 exclusive, absolute
-    pixels; all zeros for an absent label), without forming the masks: the occupied rows and
-    columns of every label come from one bincount per axis.
+    pixels; all zeros for an absent label), without forming the masks: the extreme
+    coordinates of the selected labels' pixels, two scatter reductions.
 
     Args:
         label_map: (H, W) int64 labels in [-1, num_labels).
-        labels: (N,) int64 labels in [0, num_labels).
+        labels: (N,) int64 distinct labels in [0, num_labels).
         num_labels: number of labels.
 
     Returns:
         (N, 4) float32 XYXY boxes.
     """
     h, w = label_map.shape
-    slot = label_map + 1  # slot 0: label -1
-    num_slots = num_labels + 1
     device = label_map.device
-    cols = torch.bincount(
-        (slot * w + torch.arange(w, device=device)).flatten(), minlength=num_slots * w
-    ).view(num_slots, w)
-    rows = torch.bincount(
-        (slot * h + torch.arange(h, device=device)[:, None]).flatten(), minlength=num_slots * h
-    ).view(num_slots, h)
-    selected = labels + 1
-    return boxes_from_projections(
-        rows.index_select(0, selected) > 0, cols.index_select(0, selected) > 0
-    )
-
-
-def boxes_from_projections(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """XYXY boxes (N, 4) float32 of masks given by their occupied rows (N, H) and columns
-    (N, W), bool; all zeros for an empty mask."""
-    h, w = rows.shape[1], cols.shape[1]
-    xs = torch.arange(w, device=cols.device)
-    ys = torch.arange(h, device=rows.device)
-    x1 = torch.where(cols, xs, w).amin(dim=1)
-    x2 = torch.where(cols, xs, -1).amax(dim=1) + 1
-    y1 = torch.where(rows, ys, h).amin(dim=1)
-    y2 = torch.where(rows, ys, -1).amax(dim=1) + 1
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return torch.where(cols.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+    n = labels.numel()
+    # Row of each pixel's label among ``labels`` (n: not selected, nor label -1).
+    row_of_label = torch.full((num_labels + 1,), n, dtype=torch.long, device=device)
+    row_of_label[labels + 1] = torch.arange(n, device=device)
+    row = row_of_label.index_select(0, label_map.flatten() + 1)
+    pixels = torch.nonzero(row < n).squeeze(1)
+    row = row.index_select(0, pixels)[:, None].expand(-1, 2)
+    ys = torch.div(pixels, w, rounding_mode="floor")
+    xy = torch.stack([pixels - ys * w, ys], dim=1)
+    top_left = torch.full((n, 2), max(h, w), dtype=torch.long, device=device)
+    top_left.scatter_reduce_(0, row, xy, "amin")
+    bottom_right = torch.full((n, 2), -1, dtype=torch.long, device=device)
+    bottom_right = bottom_right.scatter_reduce_(0, row, xy, "amax") + 1
+    boxes = torch.cat([top_left, bottom_right], dim=1).float()
+    return torch.where(bottom_right[:, :1] > 0, boxes, torch.zeros_like(boxes))

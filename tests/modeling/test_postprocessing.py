@@ -582,6 +582,14 @@ def test_label_map_boxes_match_detectron2_bitmask_boxes():
     boxes = label_map_boxes(label_map, labels, 7)
     assert torch.equal(boxes, BitMasks(masks).get_bounding_boxes().tensor)
     assert boxes[2].tolist() == [0, 0, 0, 0]  # an empty label
+    # Sparse labels on maps of other shapes, a subset of the labels in any order.
+    for h, w in [(1, 1), (40, 7), (9, 33)]:
+        label_map = torch.randint(-1, 12, (h, w), generator=g)
+        label_map[torch.rand(h, w, generator=g) < 0.7] = -1
+        labels = torch.randperm(12, generator=g)[:6]
+        masks = label_map[None] == labels[:, None, None]
+        expected = BitMasks(masks).get_bounding_boxes().tensor
+        assert torch.equal(label_map_boxes(label_map, labels, 12), expected)
 
 
 def test_greedy_suppression_equals_sequential_greedy():
