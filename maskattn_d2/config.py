@@ -17,6 +17,11 @@ def add_maskattn_config(cfg):
     # Backbone builder in BACKBONE_REGISTRY.
     cfg.MODEL.BACKBONE.NAME = "build_maskattn_unet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0  # UNet is trained from scratch: nothing frozen
+    # Input normalisation. False: (pixel - MODEL.PIXEL_MEAN) / MODEL.PIXEL_STD, detectron2's.
+    # True: every image (at the network size) minus the mean of all its values, divided by
+    # their standard deviation (at least 1 grey level), so that a dim fluorescence image gets
+    # the contrast of a bright one; PIXEL_MEAN / PIXEL_STD are then unused.
+    cfg.MODEL.PER_IMAGE_NORMALIZATION = False
 
     # ---------------------------------------------------------------- UNet backbone
     cfg.MODEL.MASK_ATTN_UNET = CN()

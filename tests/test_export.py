@@ -359,3 +359,25 @@ def test_demo_onnxruntime_backend_draws_what_the_torch_backend_draws(tmp_path):
                       "--opts", *COCO_OPTS]) == 2
     assert demo.main([*common, "--output", str(tmp_path / "x"), "--backend", "onnxruntime",
                       "--onnx-model", str(tmp_path / "none.onnx"), "--opts", *COCO_OPTS]) == 2
+
+
+def test_per_image_normalization_exports_and_is_checked(tmp_path):
+    """MODEL.PER_IMAGE_NORMALIZATION: the exported network normalises each image by its own
+    statistics as the PyTorch model does (a dimmed copy of an image gives the same outputs in
+    both), and a file exported without it is refused for a config with it."""
+    cfg = _cfg(SMALL, ["MODEL.PER_IMAGE_NORMALIZATION", "True"])
+    model = _random_model(cfg)
+    network = ExportableNetwork(model)
+    path = str(tmp_path / "per_image.onnx")
+    export_onnx(network, path, metadata=network_metadata(cfg, network))
+    assert read_onnx_metadata(path)["per_image_normalization"] == "True"
+    ort_model = ONNXRuntimeModel(cfg, path, num_threads=1)
+    image = _chw(render_scene(np.random.default_rng(2), 96, 160)[0])
+    inputs = [{"image": image}, {"image": 0.25 * image + 10}]
+    with torch.no_grad():
+        expected = model(inputs)
+    _assert_same_predictions(expected, ort_model(inputs))
+    # Brightness and contrast do not change what the model sees.
+    assert torch.equal(expected[0]["panoptic_seg"][0], expected[1]["panoptic_seg"][0])
+    with pytest.raises(ValueError, match="PER_IMAGE_NORMALIZATION"):
+        ONNXRuntimeModel(_cfg(SMALL), path)

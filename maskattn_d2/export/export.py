@@ -45,6 +45,7 @@ def network_metadata(cfg, network: ExportableNetwork) -> Dict[str, str]:
         "outputs": ",".join(network.output_names),
         "pixel_mean": ",".join(f"{v:g}" for v in cfg.MODEL.PIXEL_MEAN),
         "pixel_std": ",".join(f"{v:g}" for v in cfg.MODEL.PIXEL_STD),
+        "per_image_normalization": str(bool(cfg.MODEL.PER_IMAGE_NORMALIZATION)),
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
     }
 

@@ -1,8 +1,9 @@
 """The network of a MaskAttnUNet as one tensor-in, tensors-out module, for tracing and export.
 
 Input: ``"image"`` (B, 3, h, w) float32 pixels in ``INPUT.FORMAT`` channel order, 0-255, at
-``INPUT.NETWORK_SIZE`` (h, w): the caller resizes (bilinear), the module normalises with
-``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD``. Outputs, all at network resolution:
+``INPUT.NETWORK_SIZE`` (h, w): the caller resizes (bilinear), the module normalises as the
+model does (``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD``, or per image with
+``MODEL.PER_IMAGE_NORMALIZATION``). Outputs, all at network resolution:
 ``"sem_logits_nhwc"`` (B, h, w, K), the class logits channels last, then the embedding head's
 outputs in the order it returns them (``"embeddings"`` (B, D, h, w), and with spatial
 embeddings ``"offsets"`` (B, 2, h, w) and ``"seed_logits"`` (B, 1, h, w)) -- what
@@ -12,13 +13,15 @@ Channels last, the post-processing's per-pixel class reductions read contiguous 
 classes ~2.5 ms less per image at batch 1 on CPU); onnxruntime writes that layout at no
 measurable cost.
 
-The model's ``preprocess_image`` normalises and then resizes; resizing first (outside) and
-normalising here is the same map (bilinear weights sum to one), equal up to float rounding.
+The model's ``preprocess_image`` also resizes first and then normalises (one function,
+:func:`~maskattn_d2.modeling.meta_arch.normalize_images`).
 """
 from typing import List, Tuple
 
 import torch
 from torch import nn
+
+from ..modeling.meta_arch import normalize_images
 
 __all__ = ["INPUT_NAME", "SEM_LOGITS_NAME", "ExportableNetwork"]
 
@@ -61,7 +64,9 @@ class ExportableNetwork(nn.Module):
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, C, h, w) pixels -> (sem_logits (B, h, w, K), *embedding head outputs), float32."""
         model = self.model
-        x = (image - model.pixel_mean) / model.pixel_std
+        x = normalize_images(
+            image, model.pixel_mean, model.pixel_std, model.per_image_normalization
+        )
         features = model.backbone(x)
         sem_logits = model.sem_seg_head(features).permute(0, 2, 3, 1)
         head_outputs = model.embed_head(features)

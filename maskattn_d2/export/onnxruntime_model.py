@@ -112,9 +112,14 @@ class ONNXRuntimeModel:
             if classes != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
                 problems.append(f"{classes} classes but MODEL.SEM_SEG_HEAD.NUM_CLASSES is "
                                 f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}")
-        file_format = read_onnx_metadata(self.onnx_path).get("input_format")
+        metadata = read_onnx_metadata(self.onnx_path)
+        file_format = metadata.get("input_format")
         if file_format is not None and file_format != cfg.INPUT.FORMAT:
             problems.append(f"input format {file_format} but INPUT.FORMAT is {cfg.INPUT.FORMAT}")
+        per_image = metadata.get("per_image_normalization")
+        if per_image is not None and per_image != str(bool(cfg.MODEL.PER_IMAGE_NORMALIZATION)):
+            problems.append(f"per-image normalization {per_image} but "
+                            f"MODEL.PER_IMAGE_NORMALIZATION is {cfg.MODEL.PER_IMAGE_NORMALIZATION}")
         if problems:
             raise ValueError(
                 f"{self.onnx_path} does not match the config: {'; '.join(problems)}. Use the "

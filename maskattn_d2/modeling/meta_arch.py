@@ -28,6 +28,7 @@ from .test_time_flips import check_flip_views, flip_views_from_config, run_with_
 __all__ = [
     "MaskAttnUNet",
     "build_postprocessor",
+    "normalize_images",
     "postprocess_batch",
     "thing_ids_from_config",
     "thing_ids_from_metadata",
@@ -86,6 +87,24 @@ def build_postprocessor(cfg, thing_ids: Optional[Sequence[int]] = None) -> MaskA
     )
 
 
+def normalize_images(
+    images: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, per_image: bool
+) -> torch.Tensor:
+    """
+    The network's input from (B, C, h, w) float pixels: ``(x - pixel_mean) / pixel_std``
+    ((C, 1, 1) each), or with ``per_image`` each image minus the mean of all its values,
+    divided by their standard deviation (at least 1, so a flat image stays flat). Per-image
+    statistics ignore the brightness and contrast of the acquisition: on DSB 2018, dim
+    fluorescence images then look like bright ones. Shared by the model and its export.
+    """
+    if not per_image:
+        return (images - pixel_mean) / pixel_std
+    # keepdim reductions, not reshapes: the ONNX trace keeps the static spatial size.
+    centred = images - images.mean(dim=(1, 2, 3), keepdim=True)
+    std = centred.square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1.0)
+    return centred / std
+
+
 def postprocess_batch(
     postprocessor: MaskAttnPostProcessor,
     sem_logits: torch.Tensor,
@@ -137,6 +156,7 @@ class MaskAttnUNet(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         network_size: Tuple[int, int],
+        per_image_normalization: bool = False,
         thing_ids: Sequence[int],
         ignore_value: int = 255,
         sem_seg_loss_weight: float = 1.0,
@@ -165,6 +185,8 @@ class MaskAttnUNet(nn.Module):
             postprocessor: turns one image's logits and embeddings into standard outputs.
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             network_size: (h, w) every image is resized to.
+            per_image_normalization: normalise each image by its own statistics instead of
+                ``pixel_mean`` / ``pixel_std`` (:func:`normalize_images`).
             thing_ids: contiguous ids of the thing classes.
             ignore_value: semantic label ignored by the losses.
             sem_seg_loss_weight, ce_weight, top_k_percent_pixels: semantic loss, see
@@ -189,6 +211,7 @@ class MaskAttnUNet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.network_size = tuple(int(s) for s in network_size)
+        self.per_image_normalization = bool(per_image_normalization)
         # Checked here rather than at the first forward, whose error would not say which
         # config key to change.
         divisor = int(getattr(backbone, "size_divisibility", 0) or 1)
@@ -238,6 +261,7 @@ class MaskAttnUNet(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "network_size": cfg.INPUT.NETWORK_SIZE,
+            "per_image_normalization": cfg.MODEL.PER_IMAGE_NORMALIZATION,
             "thing_ids": thing_ids,
             "ignore_value": head.IGNORE_VALUE,
             "sem_seg_loss_weight": head.LOSS_WEIGHT,
@@ -382,7 +406,7 @@ class MaskAttnUNet(nn.Module):
         return sem_logits, {k: v.float().contiguous() for k, v in outputs.items()}
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> torch.Tensor:
-        """Normalise and resize every image to the network size: (B, C, h, w) float."""
+        """Resize every image to the network size and normalise it: (B, C, h, w) float."""
         expected_channels = self.pixel_mean.shape[0]
         images = []
         for i, inputs in enumerate(batched_inputs):
@@ -392,13 +416,15 @@ class MaskAttnUNet(nn.Module):
                     f"Input {i} ({inputs.get('file_name', 'no file_name')}): expected an image of "
                     f"shape ({expected_channels}, H, W), got {tuple(image.shape)}."
                 )
-            image = (image.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+            image = image.to(self.device, torch.float32)
             if tuple(image.shape[-2:]) != self.network_size:
                 image = F.interpolate(
                     image[None], size=self.network_size, mode="bilinear", align_corners=False
                 )[0]
             images.append(image)
-        return torch.stack(images)
+        return normalize_images(
+            torch.stack(images), self.pixel_mean, self.pixel_std, self.per_image_normalization
+        )
 
     def _stack_target(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
         """Stack a per-image (H,W) target, resized to the network size if needed with the one
