@@ -40,8 +40,9 @@ class ExportableNetwork(nn.Module):
         """
         Args:
             model: a ``MaskAttnUNet`` (or any meta-architecture with ``backbone``,
-                ``sem_seg_head``, ``embed_head``, ``pixel_mean``, ``pixel_std`` and
-                ``network_size``); switched to eval mode, as export needs.
+                ``sem_seg_head``, ``embed_head``, ``pixel_mean``, ``pixel_std``,
+                ``per_image_normalization`` and ``network_size``); switched to eval mode, as
+                export needs.
         """
         super().__init__()
         self.model = model.eval()

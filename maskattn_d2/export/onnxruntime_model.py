@@ -116,7 +116,8 @@ class ONNXRuntimeModel:
         file_format = metadata.get("input_format")
         if file_format is not None and file_format != cfg.INPUT.FORMAT:
             problems.append(f"input format {file_format} but INPUT.FORMAT is {cfg.INPUT.FORMAT}")
-        per_image = metadata.get("per_image_normalization")
+        # Files exported before the key existed normalised with PIXEL_MEAN / PIXEL_STD.
+        per_image = metadata.get("per_image_normalization", "False" if metadata else None)
         if per_image is not None and per_image != str(bool(cfg.MODEL.PER_IMAGE_NORMALIZATION)):
             problems.append(f"per-image normalization {per_image} but "
                             f"MODEL.PER_IMAGE_NORMALIZATION is {cfg.MODEL.PER_IMAGE_NORMALIZATION}")

@@ -6,8 +6,8 @@ between them, so that a chain of convolutions stays in integers (onnxruntime fol
 into the convolution's output range). Everything else (attention, normalisation, resizing)
 stays float32: quantizing the attention's matmuls and softmax too was slower (onnxruntime's
 int8 softmax is ~6x its float one). Two kinds of convolution stay float32 because the outputs
-depend on them most and they cost little: the first (it reads the pixels, normalisation
-folded in) and every convolution with no convolution after it (the predictors of the class
+depend on them most and they cost little: the first (it reads the normalised pixels) and
+every convolution with no convolution after it (the predictors of the class
 logits, offsets, seeds and embeddings).
 
 Measured on the 2-core AMD EPYC (AVX2, no VNNI) of this project's CI: the paper-size network

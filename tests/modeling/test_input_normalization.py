@@ -1,4 +1,6 @@
 """normalize_images: detectron2's per-channel normalisation and the per-image one."""
+from pathlib import Path
+
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -6,6 +8,7 @@ from detectron2.modeling import build_model
 from maskattn_d2 import add_maskattn_config
 from maskattn_d2.modeling.meta_arch import normalize_images
 
+REPO = Path(__file__).resolve().parents[2]
 MEAN = torch.tensor([120.0, 110.0, 100.0]).view(3, 1, 1)
 STD = torch.tensor([60.0, 55.0, 50.0]).view(3, 1, 1)
 
@@ -40,7 +43,7 @@ def test_per_image_normalization_of_a_flat_image_is_zero_not_nan():
 def test_model_resizes_then_normalises_each_image():
     cfg = get_cfg()
     add_maskattn_config(cfg)
-    cfg.merge_from_file("configs/quick_schedules/synthetic_instant_test.yaml")
+    cfg.merge_from_file(str(REPO / "configs" / "quick_schedules" / "synthetic_instant_test.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.PER_IMAGE_NORMALIZATION = True
     model = build_model(cfg).eval()

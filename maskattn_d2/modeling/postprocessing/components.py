@@ -1,5 +1,5 @@
 """Connected components of label maps: OpenCV's single-pass labelling on CPU (all values at
-once where no two foreground values touch, else value by value for a few values), hooking and
+once where no two foreground values touch, else a few values' masks stacked into one image), hooking and
 pointer jumping in vectorised torch (no per-pixel Python loops) elsewhere and on CUDA; all
 number the components the same way."""
 import functools
@@ -131,9 +131,9 @@ def _opencv_components(
 
     cv2 labels bool masks: where no two foreground values touch (one thing class, or things
     apart) the foreground is one mask; where they touch, each of a few values gets a mask of
-    its own, the masks stacked into one image (more values: the torch path). The map is rotated by 180 degrees so that
-    the raster order of each component's first pixel, cv2's numbering, becomes the numbering
-    by largest raster index.
+    its own, the masks stacked into one image (more values: the torch path). The map is
+    rotated by 180 degrees so that the raster order of each component's first pixel, cv2's
+    numbering, becomes the numbering by largest raster index.
     """
     values = label_map.flip(0, 1).numpy()
     inside = foreground.flip(0, 1).numpy()
