@@ -1,7 +1,7 @@
 """Connected components of label maps: OpenCV's single-pass labelling on CPU (all values at
-once where no two foreground values touch, else a few values' masks stacked into one image), hooking and
-pointer jumping in vectorised torch (no per-pixel Python loops) elsewhere and on CUDA; all
-number the components the same way."""
+once where no two foreground values touch, else a few values' masks stacked into one image),
+hooking and pointer jumping in vectorised torch (no per-pixel Python loops) elsewhere and on
+CUDA; all number the components the same way."""
 import functools
 from typing import Tuple
 
