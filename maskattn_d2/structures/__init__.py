@@ -1,4 +1,4 @@
 """Data structures and their geometry (as detectron2's ``structures``)."""
-from .label_maps import label_map_boxes, resize_label_map
+from .label_maps import pixel_boxes, resize_label_map, selected_label_pixels
 
-__all__ = ["label_map_boxes", "resize_label_map"]
+__all__ = ["pixel_boxes", "resize_label_map", "selected_label_pixels"]

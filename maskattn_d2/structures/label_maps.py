@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["resize_label_map", "label_map_boxes"]
+__all__ = ["pixel_boxes", "resize_label_map", "selected_label_pixels"]
 
 
 def resize_label_map(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -33,14 +33,11 @@ def resize_label_map(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tenso
     return labels[ys[:, None], xs[None, :]]
 
 
-def label_map_boxes(
+def selected_label_pixels(
     label_map: torch.Tensor, labels: torch.Tensor, num_labels: int
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    Tight boxes around the masks ``label_map == label`` for each of ``labels``, detectron2's
-    ``BitMasks.get_bounding_boxes`` convention (x1, y1 inclusive, x2, y2 exclusive, absolute
-    pixels; all zeros for an absent label), without forming the masks: the extreme
-    coordinates of the selected labels' pixels, two scatter reductions.
+    The pixels of ``labels`` in a label map, without forming per-label masks.
 
     Args:
         label_map: (H, W) int64 labels in [-1, num_labels).
@@ -48,22 +45,34 @@ def label_map_boxes(
         num_labels: number of labels.
 
     Returns:
-        (N, 4) float32 XYXY boxes.
+        rows, pixels: (P,) int64 each; ``pixels`` the flat indices of the pixels whose label is
+        one of ``labels`` and ``rows`` the position of that label in ``labels``.
     """
-    h, w = label_map.shape
-    device = label_map.device
     n = labels.numel()
+    device = label_map.device
     # Row of each pixel's label among ``labels`` (n: not selected, nor label -1).
     row_of_label = torch.full((num_labels + 1,), n, dtype=torch.long, device=device)
     row_of_label[labels + 1] = torch.arange(n, device=device)
     row = row_of_label.index_select(0, label_map.flatten() + 1)
     pixels = torch.nonzero(row < n).squeeze(1)
-    row = row.index_select(0, pixels)[:, None].expand(-1, 2)
+    return row.index_select(0, pixels), pixels
+
+
+def pixel_boxes(rows: torch.Tensor, pixels: torch.Tensor, n: int, shape) -> torch.Tensor:
+    """
+    Tight XYXY boxes (n, 4) float32 of n masks given as pixel lists (the output of
+    :func:`selected_label_pixels` on a map of ``shape`` (H, W)), detectron2's
+    ``BitMasks.get_bounding_boxes`` convention (x1, y1 inclusive, x2, y2 exclusive; all zeros
+    for an empty mask): the extreme coordinates by two scatter reductions.
+    """
+    h, w = shape
+    device = pixels.device
+    rows = rows[:, None].expand(-1, 2)
     ys = torch.div(pixels, w, rounding_mode="floor")
     xy = torch.stack([pixels - ys * w, ys], dim=1)
     top_left = torch.full((n, 2), max(h, w), dtype=torch.long, device=device)
-    top_left.scatter_reduce_(0, row, xy, "amin")
+    top_left.scatter_reduce_(0, rows, xy, "amin")
     bottom_right = torch.full((n, 2), -1, dtype=torch.long, device=device)
-    bottom_right = bottom_right.scatter_reduce_(0, row, xy, "amax") + 1
+    bottom_right = bottom_right.scatter_reduce_(0, rows, xy, "amax") + 1
     boxes = torch.cat([top_left, bottom_right], dim=1).float()
     return torch.where(bottom_right[:, :1] > 0, boxes, torch.zeros_like(boxes))

@@ -18,7 +18,7 @@ from maskattn_d2.modeling.postprocessing import (
 from maskattn_d2.modeling.postprocessing.clustering import _greedy_suppression
 from maskattn_d2.modeling.postprocessing.components import _torch_components
 from maskattn_d2.layers import argmax_channels
-from maskattn_d2.structures import label_map_boxes
+from maskattn_d2.structures import pixel_boxes, selected_label_pixels
 
 DEVICES = [
     "cpu",
@@ -572,6 +572,11 @@ def test_label_map_components_opencv_path_equals_torch_path(connectivity, num_va
             assert torch.equal(labels, expected)
     empty = torch.zeros(0, 5, dtype=torch.long)  # cv2 takes no empty image
     assert label_map_components(empty, empty.bool(), connectivity).shape == (0, 5)
+
+
+def label_map_boxes(label_map, labels, num_labels):
+    rows, pixels = selected_label_pixels(label_map, labels, num_labels)
+    return pixel_boxes(rows, pixels, labels.numel(), label_map.shape)
 
 
 def test_label_map_boxes_match_detectron2_bitmask_boxes():

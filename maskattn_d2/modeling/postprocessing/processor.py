@@ -15,7 +15,7 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
 from ...layers import argmax_channels, softmax_channels
-from ...structures.label_maps import label_map_boxes, resize_label_map
+from ...structures.label_maps import pixel_boxes, resize_label_map, selected_label_pixels
 from .instances import (
     INSTANCE_METHODS,
     SEED_ASSIGNMENTS,
@@ -417,15 +417,13 @@ class MaskAttnPostProcessor:
         device = segment_map.device
         ids = torch.tensor(indices, dtype=torch.long, device=device)
         instances = Instances(output_size)
-        # One scatter into zeros instead of comparing the map with every segment id (N x H x W).
-        row_of_segment = torch.full((num_segments + 1,), -1, dtype=torch.long, device=device)
-        row_of_segment[ids + 1] = torch.arange(ids.numel(), device=device)
-        row = row_of_segment.index_select(0, segment_map.flatten() + 1)
-        pixels = torch.nonzero(row >= 0).squeeze(1)
+        # The things' pixels once, for one scatter into zeros (instead of comparing the map with
+        # every segment id, N x H x W) and for the boxes.
+        rows, pixels = selected_label_pixels(segment_map, ids, num_segments)
         masks = torch.zeros(ids.numel(), segment_map.numel(), dtype=torch.bool, device=device)
-        masks[row.index_select(0, pixels), pixels] = True
+        masks[rows, pixels] = True
         instances.pred_masks = masks.view(ids.numel(), *segment_map.shape)
-        instances.pred_boxes = Boxes(label_map_boxes(segment_map, ids, num_segments))
+        instances.pred_boxes = Boxes(pixel_boxes(rows, pixels, ids.numel(), segment_map.shape))
         instances.pred_classes = torch.tensor(
             [s["category_id"] for s in things], dtype=torch.long, device=device
         )
