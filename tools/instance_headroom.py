@@ -13,8 +13,11 @@ postprocessor and detectron2's ``COCOPanopticEvaluator`` at the original image s
 - instances: connected components of the semantic map; the spatial embeddings with the
   model's seed map and offsets; with ground-truth seeds (one per instance, at its deepest
   pixel nearest its centroid; points on a flat map, so these rows assign pixels by offsets
-  even when the config's ``SEED_ASSIGNMENT`` is "seed_ascent"); with ground-truth offsets (to
-  the instance's centroid, on ground-truth instance pixels); with both.
+  even when the config's ``SEED_ASSIGNMENT`` is "seed_ascent"); with the seed *map* a
+  ``SEED_TARGET`` teaches ("depth" or "gaussian", with the config's SEED_SIGMA_SCALE) in
+  place of the model's, grouped as the config says (e.g. climbed with seed_ascent): how well
+  a perfectly learned target could group at all; with ground-truth offsets (to the instance's centroid, on ground-truth
+  instance pixels); with both ground-truth seeds and offsets.
 
 The gap between "connected components" and "ground-truth seeds and offsets" is what separating
 touching objects can add at most through this postprocessor; the gaps to the model's own
@@ -40,7 +43,7 @@ from maskattn_d2.data.datasets.panoptic_conversion import read_panoptic_ids
 from maskattn_d2.engine import MaskAttnTrainer, load_inference_weights
 from maskattn_d2.evaluation import build_evaluator
 from maskattn_d2.evaluation.paper_protocol import resize_ids_nearest
-from maskattn_d2.modeling.losses import instance_centres, instance_depth
+from maskattn_d2.modeling.losses import instance_centres, instance_depth, seed_map_target
 from maskattn_d2.modeling.meta_arch import (
     build_postprocessor,
     postprocess_batch,
@@ -49,19 +52,24 @@ from maskattn_d2.modeling.meta_arch import (
 
 logger = logging.getLogger("maskattn_d2.instance_headroom")
 
-# (row name, semantics from ground truth, instance method, seeds from gt, offsets from gt)
-ROWS = (
-    ("connected components", False, "connected_components", False, False),
-    ("spatial embedding", False, "spatial_embedding", False, False),
-    ("spatial embedding, gt seeds", False, "spatial_embedding", True, False),
-    ("spatial embedding, gt offsets", False, "spatial_embedding", False, True),
-    ("spatial embedding, gt seeds and offsets", False, "spatial_embedding", True, True),
-    ("connected components", True, "connected_components", False, False),
-    ("spatial embedding", True, "spatial_embedding", False, False),
-    ("spatial embedding, gt seeds", True, "spatial_embedding", True, False),
-    ("spatial embedding, gt offsets", True, "spatial_embedding", False, True),
-    ("spatial embedding, gt seeds and offsets", True, "spatial_embedding", True, True),
+# (row name, semantics from ground truth, instance method, seeds from gt: None (the model's),
+# "points" or the seed map of a SEED_TARGET, offsets from gt)
+_INSTANCE_ROWS = (
+    ("spatial embedding", None, False),
+    ("spatial embedding, gt seeds", "points", False),
+    ("spatial embedding, gt seed map (depth)", "depth", False),
+    ("spatial embedding, gt seed map (gaussian)", "gaussian", False),
+    ("spatial embedding, gt offsets", None, True),
+    ("spatial embedding, gt seeds and offsets", "points", True),
 )
+ROWS = tuple(
+    row
+    for gt_semantics in (False, True)
+    for row in (("connected components", gt_semantics, "connected_components", None, False),)
+    + tuple((name, gt_semantics, "spatial_embedding", seeds, offsets)
+            for name, seeds, offsets in _INSTANCE_ROWS)
+)
+SEED_MAPS = ("depth", "gaussian")
 # Logit margin of the ground-truth maps: sigmoid(10) > 0.9999.
 CERTAIN = 10.0
 
@@ -121,6 +129,16 @@ def oracle_seed_logits(instance_ids: torch.Tensor) -> torch.Tensor:
     return seeds.view(1, h, w)
 
 
+def oracle_seed_map_logits(
+    instance_ids: torch.Tensor, seed_target: str, seed_sigma_scale: float
+) -> torch.Tensor:
+    """(1, h, w) logits whose sigmoid is the seed map ``seed_target`` teaches for
+    ``instance_ids`` (h, w) (:func:`seed_map_target`), within 1e-4 of 0 and 1 (finite logits;
+    ties, such as the flat depth of a thin instance, stay ties)."""
+    target = seed_map_target(instance_ids[None], seed_target, seed_sigma_scale)
+    return torch.logit(target.clamp(1e-4, 1 - 1e-4))
+
+
 def oracle_offsets(instance_ids: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """(2, h, w): offsets to the instance's centroid on instance pixels, ``predicted``
     elsewhere."""
@@ -147,18 +165,25 @@ def ground_truth_outputs(
     heads: Dict[str, torch.Tensor],
     targets: Sequence[Tuple[torch.Tensor, torch.Tensor]],
     ignore_label: int,
+    seed_sigma_scale: float = 0.5,
 ) -> List[Dict[str, torch.Tensor]]:
     """Per image of a batch, the network outputs its ground truth ``targets`` (semantic,
-    instance ids at the network size) would give: ``"sem_logits"``, ``"seed_logits"`` and
-    ``"offsets"`` (computed once per image, shared by every row)."""
-    return [
-        {
+    instance ids at the network size) would give: ``"sem_logits"``, ``"offsets"``, the seeds
+    ``"seed_logits/points"`` and the seed maps ``"seed_logits/<target>"`` of SEED_MAPS
+    (computed once per image, shared by every row)."""
+    outputs = []
+    for i, (sem, instance_ids) in enumerate(targets):
+        oracle = {
             "sem_logits": oracle_logits(sem, sem_logits[i], ignore_label),
-            "seed_logits": oracle_seed_logits(instance_ids.cpu()).to(sem_logits.device),
             "offsets": oracle_offsets(instance_ids, heads["offsets"][i]),
+            "seed_logits/points": oracle_seed_logits(instance_ids.cpu()).to(sem_logits.device),
         }
-        for i, (sem, instance_ids) in enumerate(targets)
-    ]
+        for target in SEED_MAPS:
+            oracle[f"seed_logits/{target}"] = oracle_seed_map_logits(
+                instance_ids, target, seed_sigma_scale
+            )
+        outputs.append(oracle)
+    return outputs
 
 
 def substitute_ground_truth(
@@ -175,7 +200,7 @@ def substitute_ground_truth(
         if gt_semantics:
             sem_logits[i] = oracle["sem_logits"]
         if gt_seeds:
-            heads["seed_logits"][i] = oracle["seed_logits"]
+            heads["seed_logits"][i] = oracle[f"seed_logits/{gt_seeds}"]
         if gt_offsets:
             heads["offsets"][i] = oracle["offsets"]
     return sem_logits, heads
@@ -186,7 +211,7 @@ def row_config(cfg, row: Tuple):
     post_cfg = cfg.clone()
     post_cfg.defrost()
     post_cfg.MODEL.MASK_ATTN_POSTPROCESS.INSTANCE_METHOD = row[2]
-    if row[3]:
+    if row[3] == "points":
         # Ground-truth seeds are single points on a flat map: nothing to climb, so their rows
         # assign pixels by offsets whatever SEED_ASSIGNMENT says.
         post_cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "offsets"
@@ -213,7 +238,9 @@ def evaluate_rows(model: nn.Module, cfg, dataset: str, output_dir: str) -> List[
                   network_size_targets(inputs, size, thing_ids, ignore_label))
             for inputs in batched_inputs
         ]
-        oracles = ground_truth_outputs(sem_logits, heads, targets, ignore_label)
+        oracles = ground_truth_outputs(
+            sem_logits, heads, targets, ignore_label, cfg.MODEL.EMBED_HEAD.SEED_SIGMA_SCALE
+        )
         for row, postprocessor, evaluator in zip(ROWS, postprocessors, evaluators):
             row_logits, row_heads = substitute_ground_truth(row, sem_logits, heads, oracles)
             evaluator.process(batched_inputs, postprocess_batch(

@@ -20,6 +20,7 @@ __all__ = [
     "gate_loss",
     "instance_centres",
     "instance_depth",
+    "seed_map_target",
     "spatial_embedding_losses",
 ]
 
@@ -516,6 +517,44 @@ def _erode_3x3(mask: torch.Tensor) -> torch.Tensor:
     return rows[:, :-2] & rows[:, 1:-1] & rows[:, 2:]
 
 
+def _pixel_positions(instance_ids: torch.Tensor) -> torch.Tensor:
+    """(2, H, W) float (y, x) of every pixel of a (B, H, W) map."""
+    h, w = instance_ids.shape[1:]
+    rows = torch.arange(h, device=instance_ids.device, dtype=torch.float32)
+    cols = torch.arange(w, device=instance_ids.device, dtype=torch.float32)
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"))
+
+
+def seed_map_target(
+    instance_ids: torch.Tensor, seed_target: str = "depth", seed_sigma_scale: float = 0.5
+) -> torch.Tensor:
+    """
+    The seed map a network is taught (see :func:`spatial_embedding_losses`): on instance
+    pixels the normalised depth of :func:`instance_depth` (``"depth"``) or
+    ``exp(-d^2 / (2 sigma^2))`` of the distance d to the instance's centroid with
+    ``sigma = seed_sigma_scale * sqrt(area / pi)``, at least one pixel (``"gaussian"``); 0
+    elsewhere.
+
+    Args:
+        instance_ids: (B, H, W) int64; 0 = no instance, k >= 1 = instance k.
+        seed_target: "depth" or "gaussian".
+        seed_sigma_scale: "gaussian": sigma relative to the instance's equivalent radius (> 0).
+
+    Returns:
+        (B, H, W) float in [0, 1].
+    """
+    if seed_target not in ("depth", "gaussian"):
+        raise ValueError(f'seed_target must be "depth" or "gaussian", got {seed_target!r}.')
+    if seed_sigma_scale <= 0:
+        raise ValueError(f"seed_sigma_scale must be > 0, got {seed_sigma_scale}.")
+    if seed_target == "depth":
+        return instance_depth(instance_ids)
+    centres, radius = instance_centres(instance_ids)
+    sigma = (seed_sigma_scale * radius).clamp(min=1.0)
+    distance2 = (centres - _pixel_positions(instance_ids)).square().sum(dim=1)
+    return torch.exp(-distance2 / (2 * sigma**2)) * (instance_ids > 0)
+
+
 def spatial_embedding_losses(
     offsets: torch.Tensor,
     seed_logits: torch.Tensor,
@@ -569,29 +608,11 @@ def spatial_embedding_losses(
             f"offsets {tuple(offsets.shape)}, instance_ids {tuple(instance_ids.shape)} and "
             f"ignore_mask {tuple(ignore_mask.shape)} disagree on the spatial size."
         )
-    if seed_target not in ("depth", "gaussian"):
-        raise ValueError(f'seed_target must be "depth" or "gaussian", got {seed_target!r}.')
-    if seed_sigma_scale <= 0:
-        raise ValueError(f"seed_sigma_scale must be > 0, got {seed_sigma_scale}.")
     offsets, seed_logits = offsets.float(), seed_logits.float()[:, 0]
-    centres, radius = instance_centres(instance_ids)
-    h, w = instance_ids.shape[1:]
-    device = offsets.device
-    position = torch.stack(
-        torch.meshgrid(
-            torch.arange(h, device=device, dtype=torch.float32),
-            torch.arange(w, device=device, dtype=torch.float32),
-            indexing="ij",
-        )
-    )
     inside = (instance_ids > 0).float()
     background = (instance_ids <= 0).float() * (~ignore_mask.bool()).float()
-    to_centre = centres - position
-    if seed_target == "depth":
-        target = instance_depth(instance_ids)
-    else:
-        sigma = (seed_sigma_scale * radius).clamp(min=1.0)
-        target = torch.exp(-(to_centre**2).sum(dim=1) / (2 * sigma**2))
+    to_centre = instance_centres(instance_ids)[0] - _pixel_positions(instance_ids)
+    target = seed_map_target(instance_ids, seed_target, seed_sigma_scale)
     # Masked means as sums over clamped counts: no host sync, and 0 where nothing counts.
     offset_loss = ((offsets - to_centre).abs().sum(dim=1) * inside).sum() / inside.sum().clamp(
         min=1
