@@ -99,8 +99,12 @@ def add_maskattn_config(cfg):
     cfg.MODEL.EMBED_HEAD.NAME = "MaskAttnEmbedHead"
     # The one backbone feature the head reads, as a one-element list (as SEM_SEG_HEAD's).
     cfg.MODEL.EMBED_HEAD.IN_FEATURES = ["dec1"]
-    # Channels of the head's hidden 3x3 conv.
+    # Channels of the head's hidden 3x3 convs.
     cfg.MODEL.EMBED_HEAD.CONVS_DIM = 64
+    # Number of hidden 3x3 conv-norm-ReLU layers the embeddings, offsets and seed map share
+    # (>= 1). A second one gives the instance outputs context and weights of their own beside
+    # the semantic head that reads the same feature.
+    cfg.MODEL.EMBED_HEAD.NUM_CONVS = 1
     # Normalisation in the head (same choices as MASK_ATTN_UNET.NORM).
     cfg.MODEL.EMBED_HEAD.NORM = "BN"
     # Append normalised (y, x) pixel coordinates to the head's input (CoordConv), so that

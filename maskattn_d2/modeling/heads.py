@@ -59,15 +59,19 @@ def _check_in_feature(input_shape: Dict[str, ShapeSpec], in_feature: str) -> Sha
 
 
 class _ConvPredictor(nn.Module):
-    """conv3x3-norm-ReLU then a 1x1 predictor, on one named feature."""
+    """``num_convs`` x conv3x3-norm-ReLU then a 1x1 predictor, on one named feature."""
 
-    def __init__(self, in_channels: int, out_channels: int, convs_dim: int, norm: str):
+    def __init__(
+        self, in_channels: int, out_channels: int, convs_dim: int, norm: str, num_convs: int = 1
+    ):
         super().__init__()
         if out_channels < 1 or convs_dim < 1:
             raise ValueError(
                 f"out_channels and convs_dim must be positive, got {out_channels}, {convs_dim}"
             )
-        self.conv = ConvBlock(in_channels, convs_dim, num_convs=1, norm=norm, activation="relu")
+        self.conv = ConvBlock(
+            in_channels, convs_dim, num_convs=num_convs, norm=norm, activation="relu"
+        )
         self.predictor = nn.Conv2d(convs_dim, out_channels, kernel_size=1)
         # Small initial outputs, as detectron2's semantic heads do.
         nn.init.normal_(self.predictor.weight, std=0.001)
@@ -135,7 +139,7 @@ class MaskAttnSemSegHead(nn.Module):
 @EMBED_HEAD_REGISTRY.register()
 class MaskAttnEmbedHead(nn.Module):
     """Embedding head: one backbone feature -> unit-norm pixel embeddings and, optionally,
-    spatial embeddings (offsets to the instance centre and a seed map), from one shared conv.
+    spatial embeddings (offsets to the instance centre and a seed map), from shared convs.
 
     The spatial part follows Neven et al. (CVPR 2019) and Panoptic-DeepLab: a pixel's offset
     points at the centre of its instance, so ``position + offset`` is an embedding in which
@@ -154,6 +158,7 @@ class MaskAttnEmbedHead(nn.Module):
         in_feature: str,
         embed_dim: int,
         convs_dim: int = 64,
+        num_convs: int = 1,
         norm: str = "BN",
         coord_conv: bool = True,
         spatial: bool = True,
@@ -163,8 +168,9 @@ class MaskAttnEmbedHead(nn.Module):
             input_shape: backbone output shapes.
             in_feature: name of the backbone feature the head reads.
             embed_dim: D, dimension of the embeddings.
-            convs_dim: channels of the hidden 3x3 conv.
-            norm: normalisation after the hidden conv (as :class:`MaskAttnSemSegHead`).
+            convs_dim: channels of the hidden 3x3 convs.
+            num_convs: number of hidden 3x3 conv-norm-ReLU layers (>= 1).
+            norm: normalisation after each hidden conv (as :class:`MaskAttnSemSegHead`).
             coord_conv: append the pixel's normalised (y, x) in [-1, 1] to the feature.
                 Convolutions are translation-equivariant, so without position two identical
                 objects at different places get the same embedding and merge into one
@@ -179,7 +185,7 @@ class MaskAttnEmbedHead(nn.Module):
         self.coord_conv = coord_conv
         self.spatial = spatial
         in_channels = shape.channels + (2 if coord_conv else 0)
-        self.head = _ConvPredictor(in_channels, embed_dim, convs_dim, norm)
+        self.head = _ConvPredictor(in_channels, embed_dim, convs_dim, norm, num_convs)
         # Embeddings are normalised, so the predictor's tiny init would only slow learning.
         nn.init.kaiming_normal_(self.head.predictor.weight, mode="fan_in", nonlinearity="linear")
         if spatial:
@@ -194,11 +200,14 @@ class MaskAttnEmbedHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         h = cfg.MODEL.EMBED_HEAD
+        if h.NUM_CONVS < 1:
+            raise ValueError(f"MODEL.EMBED_HEAD.NUM_CONVS must be >= 1, got {h.NUM_CONVS}.")
         return {
             "input_shape": input_shape,
             "in_feature": single_in_feature(h, "MODEL.EMBED_HEAD"),
             "embed_dim": h.EMBED_DIM,
             "convs_dim": h.CONVS_DIM,
+            "num_convs": h.NUM_CONVS,
             "norm": h.NORM,
             "coord_conv": h.COORD_CONV,
             "spatial": h.SPATIAL_ON,

@@ -158,3 +158,29 @@ def test_in_features_must_name_one_feature(node, names):
     build = build_sem_seg_head if node == "SEM_SEG_HEAD" else build_embed_head
     with pytest.raises(ValueError, match=f"MODEL.{node}.IN_FEATURES must name exactly one"):
         build(cfg, SHAPES)
+
+
+def test_embed_head_num_convs_widens_what_each_output_sees():
+    """NUM_CONVS stacks 3x3 conv-norm-ReLU layers: with two, an input pixel reaches outputs two
+    pixels away (one with a single conv); the outputs keep their shapes."""
+    cfg = _cfg()
+    cfg.MODEL.EMBED_HEAD.NORM = ""
+    reach = {}
+    for num_convs in (1, 2):
+        cfg.MODEL.EMBED_HEAD.NUM_CONVS = num_convs
+        head = build_embed_head(cfg, SHAPES).eval()
+        convs = [m for m in head.head.conv.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [c.kernel_size for c in convs] == [(3, 3)] * num_convs
+        assert convs[-1].out_channels == 12
+        torch.manual_seed(0)
+        features = {"dec1": torch.randn(1, 8, 15, 15, requires_grad=True)}
+        outputs = head(features)
+        assert outputs["offsets"].shape == (1, 2, 15, 15)
+        # Which input pixels the seed logit at the centre depends on.
+        outputs["seed_logits"][0, 0, 7, 7].backward()
+        touched = torch.nonzero(features["dec1"].grad.abs().sum(dim=(0, 1)) > 0)
+        reach[num_convs] = int((touched - 7).abs().max())
+    assert reach == {1: 1, 2: 2}
+    cfg.MODEL.EMBED_HEAD.NUM_CONVS = 0
+    with pytest.raises(ValueError, match="NUM_CONVS"):
+        build_embed_head(cfg, SHAPES)
