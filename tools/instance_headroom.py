@@ -16,8 +16,9 @@ postprocessor and detectron2's ``COCOPanopticEvaluator`` at the original image s
   even when the config's ``SEED_ASSIGNMENT`` is "seed_ascent"); with the seed *map* a
   ``SEED_TARGET`` teaches ("depth" or "gaussian", with the config's SEED_SIGMA_SCALE) in
   place of the model's, grouped as the config says (e.g. climbed with seed_ascent): how well
-  a perfectly learned target could group at all; with ground-truth offsets (to the instance's centroid, on ground-truth
-  instance pixels); with both ground-truth seeds and offsets.
+  a perfectly learned target could group at all; with ground-truth offsets (to the
+  instance's centroid, on ground-truth instance pixels); with both ground-truth seeds and
+  offsets.
 
 The gap between "connected components" and "ground-truth seeds and offsets" is what separating
 touching objects can add at most through this postprocessor; the gaps to the model's own
