@@ -58,7 +58,9 @@ def selected_label_pixels(
     return row.index_select(0, pixels), pixels
 
 
-def pixel_boxes(rows: torch.Tensor, pixels: torch.Tensor, n: int, shape) -> torch.Tensor:
+def pixel_boxes(
+    rows: torch.Tensor, pixels: torch.Tensor, n: int, shape: Tuple[int, int]
+) -> torch.Tensor:
     """
     Tight XYXY boxes (n, 4) float32 of n masks given as pixel lists (the output of
     :func:`selected_label_pixels` on a map of ``shape`` (H, W)), detectron2's

@@ -555,8 +555,7 @@ def _pixels_apart(label_map):
 def test_label_map_components_opencv_path_equals_torch_path(connectivity, num_values):
     """On CPU the components come from OpenCV (all values in one pass where no two foreground
     values touch, up to 8 values' masks stacked into one image; more, and on CUDA, the torch
-    path); all
-    must give the same labels, numbering included."""
+    path); all must give the same labels, numbering included."""
     rng = np.random.RandomState(num_values)
     for trial in range(20):
         h, w = rng.randint(1, 48, size=2)
