@@ -125,7 +125,7 @@ def add_maskattn_config(cfg):
     cfg.MODEL.EMBED_HEAD.SPATIAL_ON = True
     # Weight of the L1 loss between predicted offsets and offsets to the instance centroid.
     cfg.MODEL.EMBED_HEAD.OFFSET_LOSS_WEIGHT = 1.0
-    # Weight of the binary cross-entropy of the seed map (0 on background, a bump per instance).
+    # Weight of the seed map's loss (SEED_LOSS; 0 on background, a bump per instance).
     cfg.MODEL.EMBED_HEAD.SEED_LOSS_WEIGHT = 1.0
     # Seed target on an instance: "depth" (distance to the instance's rim, normalised to 1 at
     # its deepest pixel: local, low where instances touch) or "gaussian" (of the distance to
@@ -134,6 +134,13 @@ def add_maskattn_config(cfg):
     # "gaussian": width of the Gaussian relative to the instance's equivalent radius
     # sqrt(area / pi) (> 0; at least one pixel); 0.5 puts exp(-2) = 0.14 at its rim.
     cfg.MODEL.EMBED_HEAD.SEED_SIGMA_SCALE = 0.5
+    # Loss of the seed map: "bce" (binary cross-entropy against SEED_TARGET, averaged over
+    # instance pixels and over background pixels) or "focal" (CenterNet's penalty-reduced
+    # focal loss: each instance's peak pixels of SEED_TARGET are positives, the other pixels
+    # negatives weighted down by (1 - target)^4 near the peak, normalised by the number of
+    # peak pixels so that every instance counts alike; the seed logits then start at
+    # sigmoid^-1(0.1), its prior).
+    cfg.MODEL.EMBED_HEAD.SEED_LOSS = "bce"
 
     # ------------------------------------------------------------ postprocessing
     cfg.MODEL.MASK_ATTN_POSTPROCESS = CN()

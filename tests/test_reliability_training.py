@@ -602,6 +602,7 @@ def test_unknown_or_mistyped_config_keys_stop_train_net(tmp_path):
         (["MODEL.MASK_ATTN.ENCODER_SCALES", "[3]"], r"scale 3, which is not a stage stride"),
         (["MODEL.EMBED_HEAD.NAME", "foo"], r"No object named 'foo' found in 'EMBED_HEAD'"),
         (["MODEL.EMBED_HEAD.SEED_TARGET", "foo"], r"MODEL.EMBED_HEAD.SEED_TARGET must be .*'foo'"),
+        (["MODEL.EMBED_HEAD.SEED_LOSS", "foo"], r"MODEL.EMBED_HEAD.SEED_LOSS must be .*'foo'"),
         # 3 stages: strides up to 4, so 66 does not divide.
         (["INPUT.NETWORK_SIZE", "(66, 66)"], r"INPUT.NETWORK_SIZE \(66, 66\) .* multiples of 4"),
         # The default 5 stages need multiples of 16.

@@ -3,6 +3,7 @@
 The heads only predict; losses live in ``maskattn_d2.modeling.losses`` and are applied by
 the meta-architecture.
 """
+import math
 from typing import Dict
 
 import torch
@@ -162,6 +163,7 @@ class MaskAttnEmbedHead(nn.Module):
         norm: str = "BN",
         coord_conv: bool = True,
         spatial: bool = True,
+        seed_prior: float = 0.5,
     ):
         """
         Args:
@@ -177,6 +179,10 @@ class MaskAttnEmbedHead(nn.Module):
                 cluster; with it the head can make embeddings position-dependent.
             spatial: also predict "offsets" (to the instance centre, in pixels) and
                 "seed_logits".
+            seed_prior: the seed map's value everywhere at initialisation, in (0, 1): 0.5
+                for the binary cross-entropy, 0.1 for the focal loss (CenterNet's prior: its
+                loss on the many background pixels starts small instead of swamping the
+                rest).
         """
         super().__init__()
         shape = _check_in_feature(input_shape, in_feature)
@@ -189,13 +195,16 @@ class MaskAttnEmbedHead(nn.Module):
         # Embeddings are normalised, so the predictor's tiny init would only slow learning.
         nn.init.kaiming_normal_(self.head.predictor.weight, mode="fan_in", nonlinearity="linear")
         if spatial:
+            if not 0 < seed_prior < 1:
+                raise ValueError(f"seed_prior must be in (0, 1), got {seed_prior}.")
             # Offsets and seed read the same hidden features; they start at zero offset and a
-            # seed map of sigmoid(0) = 0.5 everywhere.
+            # seed map of seed_prior everywhere.
             self.offset_predictor = nn.Conv2d(convs_dim, 2, kernel_size=1)
             self.seed_predictor = nn.Conv2d(convs_dim, 1, kernel_size=1)
             for layer in (self.offset_predictor, self.seed_predictor):
                 nn.init.normal_(layer.weight, std=0.001)
                 nn.init.zeros_(layer.bias)
+            nn.init.constant_(self.seed_predictor.bias, math.log(seed_prior / (1 - seed_prior)))
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -211,6 +220,7 @@ class MaskAttnEmbedHead(nn.Module):
             "norm": h.NORM,
             "coord_conv": h.COORD_CONV,
             "spatial": h.SPATIAL_ON,
+            "seed_prior": 0.1 if h.SEED_LOSS == "focal" else 0.5,
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ __all__ = [
     "instance_centres",
     "instance_depth",
     "seed_map_target",
+    "instance_peak_pixels",
+    "seed_focal_loss",
     "spatial_embedding_losses",
 ]
 
@@ -555,6 +557,54 @@ def seed_map_target(
     return torch.exp(-distance2 / (2 * sigma**2)) * (instance_ids > 0)
 
 
+SEED_LOSSES = ("bce", "focal")
+# CenterNet's exponents (Zhou et al., "Objects as Points", 2019): alpha down-weights pixels
+# already right, beta the negatives near a peak.
+FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
+
+
+def instance_peak_pixels(target: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: the pixels where ``target`` (B, H, W) reaches the maximum of their
+    instance (several on a tie, e.g. a centroid between two pixels); False off instances."""
+    b = instance_ids.shape[0]
+    ids = instance_ids.clamp(min=0)
+    stride = int(ids.max()) + 1 if ids.numel() else 1
+    flat = (ids + torch.arange(b, device=ids.device).view(b, 1, 1) * stride).flatten()
+    peak = target.new_zeros(b * stride).scatter_reduce_(
+        0, flat, target.flatten(), "amax", include_self=True
+    )
+    return (ids > 0) & (target >= peak.index_select(0, flat).view_as(target))
+
+
+def seed_focal_loss(
+    seed_logits: torch.Tensor, target: torch.Tensor, peaks: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """
+    CenterNet's penalty-reduced focal loss of a seed map.
+
+    ``-(1 - p)^a log p`` on the peak pixels, ``-(1 - y)^b p^a log(1 - p)`` on the other valid
+    pixels (y the soft target, so pixels near a peak are barely pushed down), summed and
+    divided by the number of peak pixels: each instance's peak weighs the same whatever the
+    instance's size, where a per-pixel mean lets the large ones dominate.
+
+    Args:
+        seed_logits: (B, H, W) logits.
+        target: (B, H, W) soft target in [0, 1].
+        peaks: (B, H, W) bool positives (:func:`instance_peak_pixels`).
+        valid: (B, H, W) bool pixels that count as negatives.
+
+    Returns:
+        Scalar loss (0 without pixels, keeping the graph).
+    """
+    p = torch.sigmoid(seed_logits)
+    positive = -((1 - p) ** FOCAL_ALPHA) * F.logsigmoid(seed_logits) * peaks
+    negative = (
+        -((1 - target) ** FOCAL_BETA) * p**FOCAL_ALPHA * F.logsigmoid(-seed_logits)
+        * (valid & ~peaks)
+    )
+    return (positive.sum() + negative.sum()) / peaks.sum().clamp(min=1)
+
+
 def spatial_embedding_losses(
     offsets: torch.Tensor,
     seed_logits: torch.Tensor,
@@ -563,6 +613,7 @@ def spatial_embedding_losses(
     *,
     seed_target: str = "depth",
     seed_sigma_scale: float = 0.5,
+    seed_loss: str = "bce",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Losses of the spatial embeddings: offsets to the instance centre and the seed map.
@@ -578,7 +629,9 @@ def spatial_embedding_losses(
       (its gradient does not vanish where the sigmoid saturates, unlike a squared error of the
       sigmoid),
       averaged over instance pixels and over the other valid pixels separately and summed, so
-      that the few instance pixels weigh as much as the background.
+      that the few instance pixels weigh as much as the background (``seed_loss="bce"``); or
+      :func:`seed_focal_loss` with each instance's peak pixels of that target as positives
+      (``"focal"``).
 
     Args:
         offsets: (B, 2, H, W) predicted (dy, dx) in pixels.
@@ -588,6 +641,7 @@ def spatial_embedding_losses(
             pixels of instances too small to keep).
         seed_target: "depth" or "gaussian".
         seed_sigma_scale: "gaussian": sigma relative to the instance's equivalent radius (> 0).
+        seed_loss: "bce" or "focal".
 
     Returns:
         (offset loss, seed loss), scalar tensors (a term without pixels is 0 and keeps the
@@ -608,6 +662,8 @@ def spatial_embedding_losses(
             f"offsets {tuple(offsets.shape)}, instance_ids {tuple(instance_ids.shape)} and "
             f"ignore_mask {tuple(ignore_mask.shape)} disagree on the spatial size."
         )
+    if seed_loss not in SEED_LOSSES:
+        raise ValueError(f"seed_loss must be one of {SEED_LOSSES}, got {seed_loss!r}.")
     offsets, seed_logits = offsets.float(), seed_logits.float()[:, 0]
     inside = (instance_ids > 0).float()
     background = (instance_ids <= 0).float() * (~ignore_mask.bool()).float()
@@ -617,6 +673,10 @@ def spatial_embedding_losses(
     offset_loss = ((offsets - to_centre).abs().sum(dim=1) * inside).sum() / inside.sum().clamp(
         min=1
     )
+    if seed_loss == "focal":
+        peaks = instance_peak_pixels(target, instance_ids)
+        valid = (instance_ids > 0) | ~ignore_mask.bool()
+        return offset_loss, seed_focal_loss(seed_logits, target, peaks, valid)
     # Instance pixels against their target, the other valid pixels against 0.
     seed_error = F.binary_cross_entropy_with_logits(
         seed_logits, target * inside, reduction="none"

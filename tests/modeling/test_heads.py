@@ -184,3 +184,15 @@ def test_embed_head_num_convs_widens_what_each_output_sees():
     cfg.MODEL.EMBED_HEAD.NUM_CONVS = 0
     with pytest.raises(ValueError, match="NUM_CONVS"):
         build_embed_head(cfg, SHAPES)
+
+
+def test_seed_map_starts_at_the_prior_of_its_loss():
+    """The focal seed loss starts from CenterNet's prior, 0.1 everywhere (at 0.5 its many
+    background terms would swamp the other losses); the cross-entropy from 0.5."""
+    cfg = _cfg()
+    features = {"dec1": torch.randn(1, 8, 6, 6)}
+    for loss, prior in (("bce", 0.5), ("focal", 0.1)):
+        cfg.MODEL.EMBED_HEAD.SEED_LOSS = loss
+        head = build_embed_head(cfg, SHAPES).eval()
+        seed_map = torch.sigmoid(head(features)["seed_logits"])
+        torch.testing.assert_close(seed_map, torch.full_like(seed_map, prior), atol=0.01, rtol=0)

@@ -115,6 +115,88 @@ def test_spatial_embedding_losses_vanish_at_the_target_and_handle_empty_images()
         spatial_embedding_losses(offsets[:, :1], seed_logits, ids, ids > 0)
 
 
+def _reference_focal_loss(seed_logits, ids, ignore, scale):
+    """CenterNet's penalty-reduced focal loss pixel by pixel: positives are each instance's
+    pixels nearest its centroid (all of them on a tie)."""
+    b, _, h, w = seed_logits.shape
+    total, positives = 0.0, 0
+    for i in range(b):
+        nearest = {}
+        for k in ids[i].unique().tolist():
+            if k > 0:
+                ys, xs = np.nonzero(ids[i].numpy() == k)
+                cy, cx = ys.mean(), xs.mean()
+                d2 = (ys - cy) ** 2 + (xs - cx) ** 2
+                nearest[k] = (cy, cx, math.sqrt(len(ys) / math.pi), d2.min())
+        for y in range(h):
+            for x in range(w):
+                k = int(ids[i, y, x])
+                p = 1 / (1 + math.exp(-float(seed_logits[i, 0, y, x])))
+                if k > 0:
+                    cy, cx, radius, d2_min = nearest[k]
+                    d2 = (y - cy) ** 2 + (x - cx) ** 2
+                    if math.isclose(d2, d2_min, abs_tol=1e-9):
+                        total -= (1 - p) ** 2 * math.log(p)
+                        positives += 1
+                        continue
+                    sigma = max(scale * radius, 1.0)
+                    t = math.exp(-d2 / (2 * sigma**2))
+                elif ignore[i, y, x]:
+                    continue
+                else:
+                    t = 0.0
+                total -= (1 - t) ** 4 * p**2 * math.log(1 - p)
+    return total / max(positives, 1)
+
+
+def test_focal_seed_loss_matches_a_pixel_loop():
+    g = torch.Generator().manual_seed(2)
+    ids = _random_instances(seed=2, size=(6, 7), num=3)
+    ids[0, 4:6, 5:7] = 4  # a 2x2 instance: four pixels tie nearest its centroid
+    ignore = (torch.rand(ids.shape, generator=g) < 0.2) & (ids == 0)
+    offsets = torch.randn(2, 2, 6, 7, generator=g)
+    seed_logits = 2 * torch.randn(2, 1, 6, 7, generator=g)
+    offset_loss, seed_loss = spatial_embedding_losses(
+        offsets, seed_logits, ids, ignore, seed_target="gaussian", seed_sigma_scale=0.7,
+        seed_loss="focal",
+    )
+    expected = _reference_focal_loss(seed_logits, ids, ignore, 0.7)
+    assert seed_loss.item() == pytest.approx(expected, rel=1e-5)
+    bce_offset, bce_seed = spatial_embedding_losses(
+        offsets, seed_logits, ids, ignore, seed_target="gaussian", seed_sigma_scale=0.7
+    )
+    assert offset_loss.item() == bce_offset.item() and seed_loss.item() != bce_seed.item()
+    with pytest.raises(ValueError, match="seed_loss"):
+        spatial_embedding_losses(offsets, seed_logits, ids, ignore, seed_loss="l2")
+
+
+def test_focal_seed_loss_pull_on_a_peak_does_not_dilute_with_instance_pixels():
+    """Under the focal loss a one-pixel instance's peak is pulled as hard beside a large
+    instance as beside a small one (normalised by peaks); under the per-pixel mean of the
+    cross-entropy its pull shrinks as the other instance grows. Pixels beside a peak are
+    barely pushed down."""
+    ignore = torch.zeros(1, 20, 20, dtype=torch.bool)
+    offsets = torch.zeros(1, 2, 20, 20)
+    pull = {}
+    for side in (5, 15):
+        ids = torch.zeros(1, 20, 20, dtype=torch.long)
+        ids[0, 1 : 1 + side, 1 : 1 + side] = 1  # one centre pixel (odd side)
+        ids[0, 18, 18] = 2
+        for loss in ("bce", "focal"):
+            logits = torch.zeros(1, 1, 20, 20, requires_grad=True)
+            spatial_embedding_losses(
+                offsets, logits, ids, ignore, seed_target="gaussian", seed_loss=loss
+            )[1].backward()
+            grad = logits.grad[0, 0]
+            pull[side, loss] = grad[18, 18].item()
+            if loss == "focal" and side == 15:
+                # The peak's neighbour (target exp(-1 / (2 * 4.23^2)) = 0.97) is pushed down
+                # far less than a background pixel.
+                assert grad[8, 8] < 0 and 0 < grad[8, 9] < 1e-5 * grad[0, 19]
+    assert pull[5, "focal"] < 0 and pull[5, "focal"] == pytest.approx(pull[15, "focal"])
+    assert pull[15, "bce"] == pytest.approx(pull[5, "bce"] * 26 / 226, rel=1e-5)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_find_seeds_are_the_local_maxima(seed):
     g = torch.Generator().manual_seed(seed)
