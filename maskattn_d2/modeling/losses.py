@@ -434,6 +434,26 @@ def instance_contrastive_loss(
     return _supcon_loss(embeddings.flatten(2), images, indices, labels, temperature)
 
 
+def _batch_instance_index(ids: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """One id space for a (B, H, W) batch of instance maps (ids >= 0): image i's instance k is
+    i * stride + k. Returns the flat (B * H * W,) index of every pixel and the number of
+    slots."""
+    b = ids.shape[0]
+    stride = int(ids.max()) + 1 if ids.numel() else 1
+    flat = (ids + torch.arange(b, device=ids.device).view(b, 1, 1) * stride).flatten()
+    return flat, b * stride
+
+
+def _instance_max(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) largest of ``values`` (B, H, W) over each pixel's instance (ids >= 0; id 0,
+    no instance, is one more group)."""
+    flat, num_slots = _batch_instance_index(ids)
+    largest = values.new_zeros(num_slots).scatter_reduce_(
+        0, flat, values.flatten(), "amax", include_self=True
+    )
+    return largest.index_select(0, flat).view_as(values)
+
+
 def instance_centres(instance_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Centroid and equivalent radius of every pixel's instance, for a batch of instance maps.
@@ -453,13 +473,10 @@ def instance_centres(instance_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     b, h, w = instance_ids.shape
     device = instance_ids.device
     ids = instance_ids.clamp(min=0)
-    # One id space for the whole batch: image i's instance k is i * stride + k.
-    stride = int(ids.max()) + 1 if ids.numel() else 1
-    flat = (ids + torch.arange(b, device=device).view(b, 1, 1) * stride).flatten()
+    flat, num_ids = _batch_instance_index(ids)
     ys = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1).expand(b, h, w)
     xs = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w).expand(b, h, w)
     coords = torch.stack([ys.flatten(), xs.flatten()], dim=1)
-    num_ids = b * stride
     sums = coords.new_zeros(num_ids, 2).index_add_(0, flat, coords)
     areas = torch.bincount(flat, minlength=num_ids).float()
     centre_of_id = sums / areas.clamp(min=1)[:, None]
@@ -502,13 +519,7 @@ def instance_depth(instance_ids: torch.Tensor) -> torch.Tensor:
     while bool(alive.any()):
         depth += alive
         alive = _erode_3x3(alive)
-    b = ids.shape[0]
-    stride = int(ids.max()) + 1
-    flat = (ids + torch.arange(b, device=ids.device).view(b, 1, 1) * stride).flatten()
-    deepest = depth.new_zeros(b * stride).scatter_reduce_(
-        0, flat, depth.flatten(), "amax", include_self=True
-    )
-    return (depth.flatten() / deepest.index_select(0, flat).clamp(min=1)).view_as(depth) * inside
+    return depth / _instance_max(depth, ids).clamp(min=1) * inside
 
 
 def _erode_3x3(mask: torch.Tensor) -> torch.Tensor:
@@ -566,14 +577,8 @@ FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
 def instance_peak_pixels(target: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
     """(B, H, W) bool: the pixels where ``target`` (B, H, W) reaches the maximum of their
     instance (several on a tie, e.g. a centroid between two pixels); False off instances."""
-    b = instance_ids.shape[0]
     ids = instance_ids.clamp(min=0)
-    stride = int(ids.max()) + 1 if ids.numel() else 1
-    flat = (ids + torch.arange(b, device=ids.device).view(b, 1, 1) * stride).flatten()
-    peak = target.new_zeros(b * stride).scatter_reduce_(
-        0, flat, target.flatten(), "amax", include_self=True
-    )
-    return (ids > 0) & (target >= peak.index_select(0, flat).view_as(target))
+    return (ids > 0) & (target >= _instance_max(target, ids))
 
 
 def seed_focal_loss(
