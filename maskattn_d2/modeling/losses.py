@@ -590,7 +590,8 @@ def seed_focal_loss(
     ``-(1 - p)^a log p`` on the peak pixels, ``-(1 - y)^b p^a log(1 - p)`` on the other valid
     pixels (y the soft target, so pixels near a peak are barely pushed down), summed and
     divided by the number of peak pixels: each instance's peak weighs the same whatever the
-    instance's size, where a per-pixel mean lets the large ones dominate.
+    instance's size (a centroid between pixels gives two or four tied peak pixels), where a
+    per-pixel mean lets the large instances dominate.
 
     Args:
         seed_logits: (B, H, W) logits.
