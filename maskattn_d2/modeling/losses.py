@@ -600,7 +600,8 @@ def seed_focal_loss(
         valid: (B, H, W) bool pixels that count as negatives.
 
     Returns:
-        Scalar loss (0 without pixels, keeping the graph).
+        Scalar loss (0 without pixels, keeping the graph; without peaks, the negatives' sum,
+        CenterNet's convention).
     """
     p = torch.sigmoid(seed_logits)
     positive = -((1 - p) ** FOCAL_ALPHA) * F.logsigmoid(seed_logits) * peaks
