@@ -16,6 +16,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.registry import Registry
 
 from ..layers import ConvBlock, l2_normalize_channels
+from .losses import FOCAL_PRIOR
 
 __all__ = [
     "EMBED_HEAD_REGISTRY",
@@ -220,7 +221,7 @@ class MaskAttnEmbedHead(nn.Module):
             "norm": h.NORM,
             "coord_conv": h.COORD_CONV,
             "spatial": h.SPATIAL_ON,
-            "seed_prior": 0.1 if h.SEED_LOSS == "focal" else 0.5,
+            "seed_prior": FOCAL_PRIOR if h.SEED_LOSS == "focal" else 0.5,
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -539,7 +539,10 @@ def _pixel_positions(instance_ids: torch.Tensor) -> torch.Tensor:
 
 
 def seed_map_target(
-    instance_ids: torch.Tensor, seed_target: str = "depth", seed_sigma_scale: float = 0.5
+    instance_ids: torch.Tensor,
+    seed_target: str = "depth",
+    seed_sigma_scale: float = 0.5,
+    centres: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """
     The seed map a network is taught (see :func:`spatial_embedding_losses`): on instance
@@ -552,6 +555,7 @@ def seed_map_target(
         instance_ids: (B, H, W) int64; 0 = no instance, k >= 1 = instance k.
         seed_target: "depth" or "gaussian".
         seed_sigma_scale: "gaussian": sigma relative to the instance's equivalent radius (> 0).
+        centres: :func:`instance_centres` of ``instance_ids`` if the caller has them.
 
     Returns:
         (B, H, W) float in [0, 1].
@@ -562,9 +566,9 @@ def seed_map_target(
         raise ValueError(f"seed_sigma_scale must be > 0, got {seed_sigma_scale}.")
     if seed_target == "depth":
         return instance_depth(instance_ids)
-    centres, radius = instance_centres(instance_ids)
+    centre, radius = instance_centres(instance_ids) if centres is None else centres
     sigma = (seed_sigma_scale * radius).clamp(min=1.0)
-    distance2 = (centres - _pixel_positions(instance_ids)).square().sum(dim=1)
+    distance2 = (centre - _pixel_positions(instance_ids)).square().sum(dim=1)
     return torch.exp(-distance2 / (2 * sigma**2)) * (instance_ids > 0)
 
 
@@ -572,6 +576,8 @@ SEED_LOSSES = ("bce", "focal")
 # CenterNet's exponents (Zhou et al., "Objects as Points", 2019): alpha down-weights pixels
 # already right, beta the negatives near a peak.
 FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
+# The seed map's initial value under the focal loss (CenterNet's prior).
+FOCAL_PRIOR = 0.1
 
 
 def instance_peak_pixels(target: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
@@ -674,8 +680,9 @@ def spatial_embedding_losses(
     offsets, seed_logits = offsets.float(), seed_logits.float()[:, 0]
     inside = (instance_ids > 0).float()
     background = (instance_ids <= 0).float() * (~ignore_mask.bool()).float()
-    to_centre = instance_centres(instance_ids)[0] - _pixel_positions(instance_ids)
-    target = seed_map_target(instance_ids, seed_target, seed_sigma_scale)
+    centres = instance_centres(instance_ids)
+    to_centre = centres[0] - _pixel_positions(instance_ids)
+    target = seed_map_target(instance_ids, seed_target, seed_sigma_scale, centres)
     # Masked means as sums over clamped counts: no host sync, and 0 where nothing counts.
     offset_loss = ((offsets - to_centre).abs().sum(dim=1) * inside).sum() / inside.sum().clamp(
         min=1
