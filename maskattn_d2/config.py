@@ -97,7 +97,10 @@ def add_maskattn_config(cfg):
     cfg.MODEL.EMBED_HEAD = CN()
     # Head in EMBED_HEAD_REGISTRY that predicts the pixel embeddings.
     cfg.MODEL.EMBED_HEAD.NAME = "MaskAttnEmbedHead"
-    # The one backbone feature the head reads, as a one-element list (as SEM_SEG_HEAD's).
+    # The backbone features the head reads (each must be in MASK_ATTN_UNET.OUT_FEATURES). The
+    # first sets the output resolution and has the smallest stride; coarser ones (e.g. "dec2")
+    # are resized to it (bilinear) and concatenated: they see more of the image, which the
+    # seed map of large or crowded objects needs.
     cfg.MODEL.EMBED_HEAD.IN_FEATURES = ["dec1"]
     # Channels of the head's hidden 3x3 convs.
     cfg.MODEL.EMBED_HEAD.CONVS_DIM = 64
@@ -211,6 +214,11 @@ def add_maskattn_config(cfg):
     cfg.INPUT.RANDOM_CROP_SCALE = (0.5, 1.0)
     # Probability of a horizontal flip in training.
     cfg.INPUT.FLIP_PROB = 0.5
+    # Training also flips vertically and transposes, each with probability 1/2: with the
+    # horizontal flip, each of the square's 8 symmetries (rotations by 90 degrees and their
+    # mirror images) is equally likely. For data without an up or a handedness (microscopy);
+    # needs a square NETWORK_SIZE.
+    cfg.INPUT.SQUARE_SYMMETRIES = False
     # Colour jitter in training: max relative change of brightness/contrast/saturation (0 off).
     cfg.INPUT.COLOR_JITTER = 0.2
     # Instances covering fewer pixels than this at network size are ignored by the instance

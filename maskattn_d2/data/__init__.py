@@ -8,6 +8,7 @@ from . import datasets
 from .augmentations import (
     RandomResizedCrop,
     RandomSaturation,
+    RandomSquareSymmetry,
     build_test_augmentations,
     build_train_augmentations,
     eval_augmentations,
@@ -27,6 +28,7 @@ __all__ = [
     "MaskAttnPanopticMapper",
     "RandomResizedCrop",
     "RandomSaturation",
+    "RandomSquareSymmetry",
     "build_dataset_mapper",
     "build_test_augmentations",
     "build_train_augmentations",

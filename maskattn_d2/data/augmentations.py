@@ -1,7 +1,8 @@
 """Augmentations of maskattn_d2: every image ends at the network size, stretched.
 
-Training: random resized crop (which also resizes to the network size), horizontal flip and
-colour jitter (brightness, contrast, saturation). Test: a plain resize to the network size.
+Training: random resized crop (which also resizes to the network size), horizontal flip (and,
+optionally, the other symmetries of the square) and colour jitter (brightness, contrast,
+saturation). Test: a plain resize to the network size.
 Geometric transforms sample segmentations with nearest neighbour; colour transforms leave
 them untouched. The ``*_augmentations`` functions take explicit arguments; the ``build_*``
 functions read them from a config.
@@ -29,9 +30,12 @@ __all__ = [
     "RandomBrightness",
     "RandomContrast",
     "RandomFlip",
+    "RandomSquareSymmetry",
     "RandomResizedCrop",
     "RandomSaturation",
     "ResizeTransform",
+    "TransposeTransform",
+    "VFlipTransform",
     "build_test_augmentations",
     "build_train_augmentations",
     "eval_augmentations",
@@ -103,6 +107,49 @@ class RandomFlip(T.RandomFlip):
         if isinstance(flip, T.HFlipTransform):
             return HFlipTransform(flip.width)
         return flip
+
+
+class VFlipTransform(T.VFlipTransform):
+    """``T.VFlipTransform`` that returns a contiguous copy instead of a reversed view (as
+    ``HFlipTransform``)."""
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(super().apply_image(img))
+
+
+class TransposeTransform(T.Transform):
+    """Swap an image's rows and columns (its mirror in the main diagonal); its own inverse.
+    Segmentations are transposed alike (no resampling)."""
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(img.swapaxes(0, 1))
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        return coords[:, ::-1].copy()
+
+    def inverse(self) -> T.Transform:
+        return self
+
+
+class RandomSquareSymmetry(T.Augmentation):
+    """A vertical flip and a transposition, each with probability 1/2: after a horizontal
+    flip with probability 1/2, every one of the square's 8 symmetries (rotations by multiples
+    of 90 degrees, and their mirror images) is equally likely. For images without an up or a
+    handedness (microscopy). Square images only: a transposition swaps height and width."""
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        height, width = image.shape[:2]
+        if height != width:
+            raise ValueError(
+                f"RandomSquareSymmetry needs square images (a transposition swaps height and "
+                f"width), got {height}x{width}; set a square INPUT.NETWORK_SIZE."
+            )
+        transforms = []
+        if np.random.rand() < 0.5:
+            transforms.append(VFlipTransform(height))
+        if np.random.rand() < 0.5:
+            transforms.append(TransposeTransform())
+        return T.TransformList(transforms)
 
 
 class LookupBlendTransform(T.BlendTransform):
@@ -232,6 +279,7 @@ def train_augmentations(
     *,
     crop_scale: Sequence[float] = (0.5, 1.0),
     flip_prob: float = 0.5,
+    square_symmetries: bool = False,
     color_jitter: float = 0.2,
     image_format: str = "RGB",
 ) -> List[T.Augmentation]:
@@ -241,6 +289,8 @@ def train_augmentations(
         network_size: (height, width) of the network input.
         crop_scale: area-fraction range of the random resized crop.
         flip_prob: probability of a horizontal flip (0 disables).
+        square_symmetries: also flip vertically and transpose, each with probability 1/2
+            (:class:`RandomSquareSymmetry`; ``network_size`` must be square).
         color_jitter: brightness, contrast and saturation factors are drawn from
             [1 - color_jitter, 1 + color_jitter] (0 disables).
         image_format: channel order of the images ("RGB" or "BGR"; others need
@@ -253,6 +303,13 @@ def train_augmentations(
     augs: List[T.Augmentation] = [RandomResizedCrop(network_size, scale=crop_scale)]
     if flip_prob > 0:
         augs.append(RandomFlip(prob=flip_prob, horizontal=True, vertical=False))
+    if square_symmetries:
+        height, width = _check_size(network_size)
+        if height != width:
+            raise ValueError(
+                f"INPUT.SQUARE_SYMMETRIES needs a square INPUT.NETWORK_SIZE, got {height}x{width}."
+            )
+        augs.append(RandomSquareSymmetry())
     if color_jitter > 0:
         lo, hi = 1.0 - color_jitter, 1.0 + color_jitter
         augs += [
@@ -270,12 +327,13 @@ def eval_augmentations(network_size: Sequence[int]) -> List[T.Augmentation]:
 
 def build_train_augmentations(cfg) -> List[T.Augmentation]:
     """``train_augmentations`` from cfg.INPUT (NETWORK_SIZE, RANDOM_CROP_SCALE, FLIP_PROB,
-    COLOR_JITTER, FORMAT)."""
+    SQUARE_SYMMETRIES, COLOR_JITTER, FORMAT)."""
     check_resize_mode(cfg)
     return train_augmentations(
         cfg.INPUT.NETWORK_SIZE,
         crop_scale=cfg.INPUT.RANDOM_CROP_SCALE,
         flip_prob=cfg.INPUT.FLIP_PROB,
+        square_symmetries=cfg.INPUT.SQUARE_SYMMETRIES,
         color_jitter=cfg.INPUT.COLOR_JITTER,
         image_format=cfg.INPUT.FORMAT,
     )

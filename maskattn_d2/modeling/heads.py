@@ -4,7 +4,7 @@ The heads only predict; losses live in ``maskattn_d2.modeling.losses`` and are a
 the meta-architecture.
 """
 import math
-from typing import Dict
+from typing import Dict, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,8 @@ def single_in_feature(cfg_node, key: str) -> str:
 def _check_in_feature(input_shape: Dict[str, ShapeSpec], in_feature: str) -> ShapeSpec:
     if in_feature not in input_shape:
         raise ValueError(
-            f"in_feature {in_feature!r} is not a backbone output; have {sorted(input_shape)}"
+            f"in_feature {in_feature!r} is not a backbone output (add it to "
+            f"MODEL.MASK_ATTN_UNET.OUT_FEATURES); have {sorted(input_shape)}"
         )
     return input_shape[in_feature]
 
@@ -140,8 +141,11 @@ class MaskAttnSemSegHead(nn.Module):
 
 @EMBED_HEAD_REGISTRY.register()
 class MaskAttnEmbedHead(nn.Module):
-    """Embedding head: one backbone feature -> unit-norm pixel embeddings and, optionally,
+    """Embedding head: backbone features -> unit-norm pixel embeddings and, optionally,
     spatial embeddings (offsets to the instance centre and a seed map), from shared convs.
+    With several features, the coarser ones are resized (bilinear) to the first one's
+    resolution and concatenated to it: the decoder's coarser outputs see more of the image
+    than its last one, which the seed of a large or crowded object needs.
 
     The spatial part follows Neven et al. (CVPR 2019) and Panoptic-DeepLab: a pixel's offset
     points at the centre of its instance, so ``position + offset`` is an embedding in which
@@ -157,7 +161,7 @@ class MaskAttnEmbedHead(nn.Module):
         self,
         input_shape: Dict[str, ShapeSpec],
         *,
-        in_feature: str,
+        in_features: Union[str, Sequence[str]],
         embed_dim: int,
         convs_dim: int = 64,
         num_convs: int = 1,
@@ -169,7 +173,8 @@ class MaskAttnEmbedHead(nn.Module):
         """
         Args:
             input_shape: backbone output shapes.
-            in_feature: name of the backbone feature the head reads.
+            in_features: names of the backbone features the head reads (or one name); the
+                first sets the output resolution and must have the smallest stride.
             embed_dim: D, dimension of the embeddings.
             convs_dim: channels of the hidden 3x3 convs.
             num_convs: number of hidden 3x3 conv-norm-ReLU layers (>= 1).
@@ -186,12 +191,20 @@ class MaskAttnEmbedHead(nn.Module):
                 rest).
         """
         super().__init__()
-        shape = _check_in_feature(input_shape, in_feature)
-        self.in_feature = in_feature
+        names = [in_features] if isinstance(in_features, str) else list(in_features)
+        if not names:
+            raise ValueError("in_features must name at least one backbone feature.")
+        shapes = [_check_in_feature(input_shape, name) for name in names]
+        if any(shape.stride < shapes[0].stride for shape in shapes[1:]):
+            raise ValueError(
+                f"in_features {names}: the first feature sets the output resolution and must "
+                f"have the smallest stride, got strides {[shape.stride for shape in shapes]}."
+            )
+        self.in_features = names
         self.embed_dim = embed_dim
         self.coord_conv = coord_conv
         self.spatial = spatial
-        in_channels = shape.channels + (2 if coord_conv else 0)
+        in_channels = sum(shape.channels for shape in shapes) + (2 if coord_conv else 0)
         self.head = _ConvPredictor(in_channels, embed_dim, convs_dim, norm, num_convs)
         # Embeddings are normalised, so the predictor's tiny init would only slow learning.
         nn.init.kaiming_normal_(self.head.predictor.weight, mode="fan_in", nonlinearity="linear")
@@ -210,11 +223,13 @@ class MaskAttnEmbedHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         h = cfg.MODEL.EMBED_HEAD
+        if not h.IN_FEATURES:
+            raise ValueError("MODEL.EMBED_HEAD.IN_FEATURES must name at least one backbone feature.")
         if h.NUM_CONVS < 1:
             raise ValueError(f"MODEL.EMBED_HEAD.NUM_CONVS must be >= 1, got {h.NUM_CONVS}.")
         return {
             "input_shape": input_shape,
-            "in_feature": single_in_feature(h, "MODEL.EMBED_HEAD"),
+            "in_features": list(h.IN_FEATURES),
             "embed_dim": h.EMBED_DIM,
             "convs_dim": h.CONVS_DIM,
             "num_convs": h.NUM_CONVS,
@@ -234,7 +249,13 @@ class MaskAttnEmbedHead(nn.Module):
             ``spatial``, ``"offsets"``: (B, 2, H_f, W_f) (dy, dx) in pixels and
             ``"seed_logits"``: (B, 1, H_f, W_f) (the seed map is their sigmoid).
         """
-        x = features[self.in_feature]
+        x = features[self.in_features[0]]
+        if len(self.in_features) > 1:
+            coarser = [
+                F.interpolate(features[name], size=x.shape[-2:], mode="bilinear", align_corners=False)
+                for name in self.in_features[1:]
+            ]
+            x = torch.cat([x] + coarser, dim=1)
         if self.coord_conv:
             x = torch.cat([x, coordinate_channels(x)], dim=1)
         hidden = self.head.conv(x)

@@ -14,6 +14,7 @@ from maskattn_d2.config import add_maskattn_config
 from maskattn_d2.data import (
     MaskAttnPanopticMapper,
     RandomResizedCrop,
+    RandomSquareSymmetry,
     build_dataset_mapper,
     build_test_augmentations,
     build_train_augmentations,
@@ -22,6 +23,7 @@ from maskattn_d2.data import (
     eval_augmentations,
     train_augmentations,
 )
+from maskattn_d2.data.augmentations import RandomFlip
 
 from ..conftest import coco_mini_dicts
 from ..panoptic_factory import mapper_sample_layout, write_mapper_sample
@@ -133,6 +135,39 @@ def test_augmentation_lists_follow_config():
     cfg.INPUT.RESIZE_MODE = "pad"
     with pytest.raises(ValueError, match="RESIZE_MODE"):
         build_test_augmentations(cfg)
+    cfg.INPUT.RESIZE_MODE = "stretch"
+    cfg.INPUT.SQUARE_SYMMETRIES = True
+    with pytest.raises(ValueError, match="SQUARE_SYMMETRIES needs a square"):
+        build_train_augmentations(cfg)  # 64x96: a transposition would make it 96x64
+    cfg.INPUT.NETWORK_SIZE = (64, 64)
+    names = [type(a).__name__ for a in build_train_augmentations(cfg)]
+    assert names[:3] == ["RandomResizedCrop", "RandomFlip", "RandomSquareSymmetry"]
+
+
+def test_square_symmetries_are_the_eight_with_image_segmentation_and_points_alike():
+    image = np.arange(5 * 5 * 3, dtype=np.uint8).reshape(5, 5, 3)  # no symmetry of its own
+    segmentation = image[..., 0].astype(np.int32) * 7
+    # The square's eight symmetries: four rotations, each with or without a mirror.
+    eight = {np.rot90(m, k).tobytes() for m in (image, image[:, ::-1]) for k in range(4)}
+    assert len(eight) == 8
+    augmentations = T.AugmentationList([RandomFlip(prob=0.5), RandomSquareSymmetry()])
+    seen = set()
+    np.random.seed(0)
+    for _ in range(96):
+        aug_input = T.AugInput(image.copy(), sem_seg=segmentation.copy())
+        transforms = augmentations(aug_input)
+        out = aug_input.image
+        assert out.flags.c_contiguous and out.tobytes() in eight
+        np.testing.assert_array_equal(aug_input.sem_seg, out[..., 0].astype(np.int32) * 7)
+        # A pixel's value moves with the (x, y) coordinates of its centre.
+        for y, x in ((0, 1), (3, 4), (2, 2)):
+            centre = np.array([[x + 0.5, y + 0.5]])
+            ((new_x, new_y),) = np.floor(transforms.apply_coords(centre)).astype(int)
+            assert (out[new_y, new_x] == image[y, x]).all()
+        seen.add(out.tobytes())
+    assert seen == eight
+    with pytest.raises(ValueError, match="square images"):
+        RandomSquareSymmetry().get_transform(np.zeros((4, 6, 3), np.uint8))
 
 
 # ---------------------------------------------------------------- mapper on COCO sample
@@ -304,6 +339,24 @@ def test_train_mode_keeps_image_and_targets_aligned(tmp_path):
         if len(cols2) and len(cols3):
             orientations.add(bool(cols2.mean() < cols3.mean()))
     assert orientations == {True, False}  # both flipped and unflipped samples were checked
+
+
+def test_square_symmetries_keep_image_and_targets_aligned(tmp_path):
+    d = _colour_coded_sample(tmp_path)
+    mapper = _colour_mapper(
+        True, augmentations=train_augmentations(NET, square_symmetries=True, color_jitter=0.0)
+    )
+    layouts = set()
+    for seed in range(16):
+        np.random.seed(seed)
+        out = mapper(d)
+        sem = out["sem_seg"].numpy()
+        interior = _interior(sem)
+        np.testing.assert_array_equal(_colour_classes(out["image"])[interior], sem[interior])
+        # Where stuff 2 lies against stuff 3: left / right / above / below after a symmetry.
+        (y2, x2), (y3, x3) = (np.argwhere(sem == c).mean(0) for c in (2, 3))
+        layouts.add(("x" if abs(x2 - x3) > abs(y2 - y3) else "y", bool(x2 + y2 < x3 + y3)))
+    assert len(layouts) == 4  # transposed and vertically flipped samples were checked
 
 
 def test_colour_jitter_changes_image_but_not_targets(tmp_path):

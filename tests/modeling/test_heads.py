@@ -53,7 +53,7 @@ def test_sem_seg_head_shapes(norm):
 
 
 def test_embed_head_is_unit_norm():
-    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="GN")
+    head = MaskAttnEmbedHead(SHAPES, in_features="dec1", embed_dim=6, convs_dim=12, norm="GN")
     emb = head(_features())["embeddings"]
     assert emb.shape == (2, 6, 32, 32)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2, 32, 32), atol=1e-5, rtol=0)
@@ -64,7 +64,7 @@ def test_embed_head_is_unit_norm():
 
 def test_embed_head_outputs_equal_its_three_predictors_applied_separately():
     # The head runs its three 1x1 predictors as one conv; each output must be the module's own.
-    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="GN")
+    head = MaskAttnEmbedHead(SHAPES, in_features="dec1", embed_dim=6, convs_dim=12, norm="GN")
     for layer in (head.offset_predictor, head.seed_predictor):
         torch.nn.init.normal_(layer.weight)
         torch.nn.init.normal_(layer.bias)
@@ -76,12 +76,12 @@ def test_embed_head_outputs_equal_its_three_predictors_applied_separately():
     torch.testing.assert_close(outputs["embeddings"], embeddings)
     torch.testing.assert_close(outputs["offsets"], head.offset_predictor(hidden))
     torch.testing.assert_close(outputs["seed_logits"], head.seed_predictor(hidden))
-    no_spatial = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=6, spatial=False)
+    no_spatial = MaskAttnEmbedHead(SHAPES, in_features="dec1", embed_dim=6, spatial=False)
     assert set(no_spatial(features)) == {"embeddings"}
 
 
 def test_embed_head_zero_input_is_finite():
-    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=4, norm="").eval()
+    head = MaskAttnEmbedHead(SHAPES, in_features="dec1", embed_dim=4, norm="").eval()
     with torch.no_grad():
         for p in head.parameters():
             p.zero_()
@@ -117,7 +117,7 @@ def test_unknown_names_and_features_raise():
     with pytest.raises(ValueError, match="dec4"):
         build_sem_seg_head(cfg, SHAPES)
     with pytest.raises(ValueError, match="in_feature"):
-        MaskAttnEmbedHead(SHAPES, in_feature="enc1", embed_dim=4)
+        MaskAttnEmbedHead(SHAPES, in_features="enc1", embed_dim=4)
 
 
 @pytest.mark.parametrize("coord_conv", [False, True])
@@ -126,7 +126,7 @@ def test_embed_head_coordinates_make_embeddings_position_dependent(coord_conv):
     different embeddings with them (so identical objects at different places can separate)."""
     torch.manual_seed(0)
     head = MaskAttnEmbedHead(
-        SHAPES, in_feature="dec1", embed_dim=6, convs_dim=12, norm="", coord_conv=coord_conv
+        SHAPES, in_features="dec1", embed_dim=6, convs_dim=12, norm="", coord_conv=coord_conv
     ).eval()
     emb = head({"dec1": torch.ones(1, 8, 16, 16)})["embeddings"]
     a, b = emb[0, :, 4, 4], emb[0, :, 11, 11]  # two interior pixels
@@ -139,25 +139,62 @@ def test_embed_head_coordinates_make_embeddings_position_dependent(coord_conv):
 def test_embed_head_spatial_outputs_start_neutral_and_learn():
     """Offsets and seed logits start at ~0 (seed map 0.5); all three outputs get gradients from one
     shared hidden conv, and without ``spatial`` only the embeddings exist."""
-    head = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=4, convs_dim=12, spatial=True)
+    head = MaskAttnEmbedHead(SHAPES, in_features="dec1", embed_dim=4, convs_dim=12, spatial=True)
     outputs = head(_features())
     assert outputs["offsets"].abs().max() < 0.1
     assert outputs["seed_logits"].abs().max() < 0.1
     total = outputs["offsets"].sum() + outputs["seed_logits"].sum() + outputs["embeddings"].sum()
     total.backward()
     assert all(p.grad is not None for p in head.parameters())
-    plain = MaskAttnEmbedHead(SHAPES, in_feature="dec1", embed_dim=4, spatial=False)
+    plain = MaskAttnEmbedHead(SHAPES, in_features="dec1", embed_dim=4, spatial=False)
     assert set(plain(_features())) == {"embeddings"}
 
 
-@pytest.mark.parametrize("node", ["SEM_SEG_HEAD", "EMBED_HEAD"])
 @pytest.mark.parametrize("names", [[], ["dec1", "dec2"]])
-def test_in_features_must_name_one_feature(node, names):
+def test_sem_seg_in_features_must_name_one_feature(names):
     cfg = _cfg()
-    cfg.MODEL[node].IN_FEATURES = names
-    build = build_sem_seg_head if node == "SEM_SEG_HEAD" else build_embed_head
-    with pytest.raises(ValueError, match=f"MODEL.{node}.IN_FEATURES must name exactly one"):
-        build(cfg, SHAPES)
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = names
+    with pytest.raises(ValueError, match="MODEL.SEM_SEG_HEAD.IN_FEATURES must name exactly one"):
+        build_sem_seg_head(cfg, SHAPES)
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        ([], "MODEL.EMBED_HEAD.IN_FEATURES must name at least one"),
+        (["dec2", "dec1"], "must have the smallest stride"),
+        (["dec1", "dec4"], "add it to MODEL.MASK_ATTN_UNET.OUT_FEATURES"),
+    ],
+)
+def test_embed_in_features_errors_name_the_problem(names, message):
+    cfg = _cfg()
+    cfg.MODEL.EMBED_HEAD.IN_FEATURES = names
+    with pytest.raises(ValueError, match=message):
+        build_embed_head(cfg, SHAPES)
+
+
+def test_embed_head_reads_coarser_features_resized_to_the_first():
+    """With IN_FEATURES [dec1, dec2] the hidden convs read dec1, dec2 resized bilinearly to
+    dec1's size, then the coordinates; the outputs keep dec1's resolution, and dec2 changes
+    them (so the coarser feature is read, not dropped)."""
+    cfg = _cfg()
+    cfg.MODEL.EMBED_HEAD.IN_FEATURES = ["dec1", "dec2"]
+    head = build_embed_head(cfg, SHAPES).eval()
+    assert head.in_features == ["dec1", "dec2"]
+    assert head.head.conv[0].in_channels == 8 + 16 + 2
+    features = _features()
+    with torch.no_grad():
+        outputs = head(features)
+        dec2 = torch.nn.functional.interpolate(
+            features["dec2"], size=(32, 32), mode="bilinear", align_corners=False
+        )
+        x = torch.cat([features["dec1"], dec2, coordinate_channels(features["dec1"])], dim=1)
+        hidden = head.head.conv(x)
+        torch.testing.assert_close(outputs["seed_logits"], head.seed_predictor(hidden))
+        torch.testing.assert_close(outputs["offsets"], head.offset_predictor(hidden))
+        changed = dict(features, dec2=features["dec2"] + 1.0)
+        assert not torch.allclose(head(changed)["embeddings"], outputs["embeddings"])
+    assert outputs["embeddings"].shape == (2, 5, 32, 32)
 
 
 def test_embed_head_num_convs_widens_what_each_output_sees():
