@@ -390,3 +390,20 @@ def test_per_image_normalization_exports_and_is_checked(tmp_path):
     onnx.save(older, str(tmp_path / "older.onnx"))
     with pytest.raises(ValueError, match="PER_IMAGE_NORMALIZATION"):
         ONNXRuntimeModel(cfg, str(tmp_path / "older.onnx"))
+
+
+def test_embedding_head_on_two_decoder_outputs_exports(tmp_path):
+    """With EMBED_HEAD.IN_FEATURES [dec1, dec2] (the DSB 128 config) the backbone returns both
+    features and the exported network gives the PyTorch model's predictions."""
+    two = ["MODEL.MASK_ATTN_UNET.OUT_FEATURES", '["dec1", "dec2"]']
+    cfg = _cfg(SMALL, two + ["MODEL.EMBED_HEAD.IN_FEATURES", '["dec1", "dec2"]'])
+    model = _random_model(cfg)
+    assert model.embed_head.in_features == ["dec1", "dec2"]
+    network = ExportableNetwork(model)
+    path = str(tmp_path / "two_features.onnx")
+    export_onnx(network, path, metadata=network_metadata(cfg, network))
+    image = _chw(render_scene(np.random.default_rng(3), 96, 160)[0])
+    with torch.no_grad():
+        expected = model([{"image": image}])
+    ort_model = ONNXRuntimeModel(cfg, path, num_threads=1)
+    _assert_same_predictions(expected, ort_model([{"image": image}]))

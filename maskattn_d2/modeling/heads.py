@@ -224,7 +224,9 @@ class MaskAttnEmbedHead(nn.Module):
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         h = cfg.MODEL.EMBED_HEAD
         if not h.IN_FEATURES:
-            raise ValueError("MODEL.EMBED_HEAD.IN_FEATURES must name at least one backbone feature.")
+            raise ValueError(
+                "MODEL.EMBED_HEAD.IN_FEATURES must name at least one backbone feature."
+            )
         if h.NUM_CONVS < 1:
             raise ValueError(f"MODEL.EMBED_HEAD.NUM_CONVS must be >= 1, got {h.NUM_CONVS}.")
         return {
@@ -251,8 +253,9 @@ class MaskAttnEmbedHead(nn.Module):
         """
         x = features[self.in_features[0]]
         if len(self.in_features) > 1:
+            size = x.shape[-2:]
             coarser = [
-                F.interpolate(features[name], size=x.shape[-2:], mode="bilinear", align_corners=False)
+                F.interpolate(features[name], size=size, mode="bilinear", align_corners=False)
                 for name in self.in_features[1:]
             ]
             x = torch.cat([x] + coarser, dim=1)
