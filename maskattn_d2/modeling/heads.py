@@ -42,7 +42,7 @@ of its instance in pixels, and ``"seed_logits"``: (B, 1, H, W) logits of the see
 
 def single_in_feature(cfg_node, key: str) -> str:
     """The one backbone feature named by a head's IN_FEATURES list (detectron2's key is a
-    list; these heads read exactly one feature)."""
+    list; the semantic head reads exactly one feature, the embedding head one or more)."""
     names = list(cfg_node.IN_FEATURES)
     if len(names) != 1:
         raise ValueError(
