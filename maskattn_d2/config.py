@@ -126,8 +126,14 @@ def add_maskattn_config(cfg):
     # Spatial embeddings: the head also predicts each pixel's offset to its instance's centre
     # (pixels) and a seed map (high at centres), used by INSTANCE_METHOD "spatial_embedding".
     cfg.MODEL.EMBED_HEAD.SPATIAL_ON = True
-    # Weight of the L1 loss between predicted offsets and offsets to the instance centroid.
+    # Weight of the offsets' loss (OFFSET_LOSS).
     cfg.MODEL.EMBED_HEAD.OFFSET_LOSS_WEIGHT = 1.0
+    # Loss of the offsets: "l1" (L1 distance to the offset to the instance's centroid, as
+    # Panoptic-DeepLab) or "lovasz" (Neven et al. 2019: the head also predicts a clustering
+    # bandwidth, "log_bandwidth"; each instance's pixels whose position + offset lies within
+    # its bandwidth of its centroid form its cluster, and the Lovasz hinge of that cluster
+    # against the instance's mask is the loss, with a smoothness term on the bandwidth).
+    cfg.MODEL.EMBED_HEAD.OFFSET_LOSS = "l1"
     # Weight of the seed map's loss (SEED_LOSS; 0 on background, a bump per instance).
     cfg.MODEL.EMBED_HEAD.SEED_LOSS_WEIGHT = 1.0
     # Seed target on an instance: "depth" (distance to the instance's rim, normalised to 1 at
@@ -177,7 +183,9 @@ def add_maskattn_config(cfg):
     # its offset points. "seed_ascent": the seed it reaches by climbing the seed map (to the
     # highest neighbour, step by step, inside its component: a watershed), which follows the
     # dip of the seed map where objects touch; pixels that reach no seed fall back to their
-    # offsets.
+    # offsets. "bandwidth" (needs EMBED_HEAD.OFFSET_LOSS "lovasz"): Neven et al.'s clustering,
+    # each seed's cluster the pixels whose offset points within its learned bandwidth of it,
+    # in two rounds (the second seeds what the first left unclaimed).
     cfg.MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT = "offsets"
     # "seed_ascent": two seeds whose basins meet less than this below the lower seed value (a
     # ridge, not a valley) are one instance (>= 0; 0 never joins).

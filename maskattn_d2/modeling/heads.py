@@ -155,6 +155,9 @@ class MaskAttnEmbedHead(nn.Module):
 
     # Lower bound on the norm before dividing; large enough to stay non-zero in fp16.
     EPS = 1e-6
+    # The bandwidth everywhere at initialisation, in pixels: about a small nucleus's radius at
+    # 128x128.
+    INITIAL_BANDWIDTH = 2.0
 
     @configurable
     def __init__(
@@ -169,6 +172,7 @@ class MaskAttnEmbedHead(nn.Module):
         coord_conv: bool = True,
         spatial: bool = True,
         seed_prior: float = 0.5,
+        bandwidth: bool = False,
     ):
         """
         Args:
@@ -189,6 +193,9 @@ class MaskAttnEmbedHead(nn.Module):
                 for the binary cross-entropy, 0.1 for the focal loss (CenterNet's prior: its
                 loss on the many background pixels starts small instead of swamping the
                 rest).
+            bandwidth: with ``spatial``, also predict "log_bandwidth", the log of each pixel's
+                clustering bandwidth in pixels (Neven et al.; see
+                :func:`~maskattn_d2.modeling.losses.bandwidth_instance_loss`).
         """
         super().__init__()
         names = [in_features] if isinstance(in_features, str) else list(in_features)
@@ -219,6 +226,11 @@ class MaskAttnEmbedHead(nn.Module):
                 nn.init.normal_(layer.weight, std=0.001)
                 nn.init.zeros_(layer.bias)
             nn.init.constant_(self.seed_predictor.bias, math.log(seed_prior / (1 - seed_prior)))
+        self.bandwidth = spatial and bandwidth
+        if self.bandwidth:
+            self.bandwidth_predictor = nn.Conv2d(convs_dim, 1, kernel_size=1)
+            nn.init.normal_(self.bandwidth_predictor.weight, std=0.001)
+            nn.init.constant_(self.bandwidth_predictor.bias, math.log(self.INITIAL_BANDWIDTH))
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -239,6 +251,7 @@ class MaskAttnEmbedHead(nn.Module):
             "coord_conv": h.COORD_CONV,
             "spatial": h.SPATIAL_ON,
             "seed_prior": FOCAL_PRIOR if h.SEED_LOSS == "focal" else 0.5,
+            "bandwidth": h.OFFSET_LOSS == "lovasz",
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -249,7 +262,8 @@ class MaskAttnEmbedHead(nn.Module):
         Returns:
             ``"embeddings"``: (B, embed_dim, H_f, W_f) with unit L2 norm along dim 1; with
             ``spatial``, ``"offsets"``: (B, 2, H_f, W_f) (dy, dx) in pixels and
-            ``"seed_logits"``: (B, 1, H_f, W_f) (the seed map is their sigmoid).
+            ``"seed_logits"``: (B, 1, H_f, W_f) (the seed map is their sigmoid); with
+            ``bandwidth``, ``"log_bandwidth"``: (B, 1, H_f, W_f).
         """
         x = features[self.in_features[0]]
         if len(self.in_features) > 1:
@@ -265,6 +279,8 @@ class MaskAttnEmbedHead(nn.Module):
         predictors = [self.head.predictor]
         if self.spatial:
             predictors += [self.offset_predictor, self.seed_predictor]
+        if self.bandwidth:
+            predictors.append(self.bandwidth_predictor)
         # The predictors read the same features: one 1x1 conv with all their output channels
         # costs a third of three separate ones on CPU (training step, 128x128).
         predicted = F.conv2d(
@@ -276,6 +292,8 @@ class MaskAttnEmbedHead(nn.Module):
         outputs = {"embeddings": l2_normalize_channels(split[0], self.EPS)}
         if self.spatial:
             outputs["offsets"], outputs["seed_logits"] = split[1], split[2]
+        if self.bandwidth:
+            outputs["log_bandwidth"] = split[3]
         return outputs
 
 

@@ -618,6 +618,113 @@ def seed_focal_loss(
     return (positive.sum() + negative.sum()) / peaks.sum().clamp(min=1)
 
 
+OFFSET_LOSSES = ("l1", "lovasz")
+# Weight of the bandwidth's smoothness term beside the Lovasz loss (Neven et al.'s value).
+BANDWIDTH_SMOOTHNESS_WEIGHT = 10.0
+# log(bandwidth in pixels) is clamped to this range before exp: the Gaussian stays finite.
+LOG_BANDWIDTH_RANGE = (-3.0, 4.0)
+
+
+def lovasz_hinge_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """
+    The Lovasz hinge (Berman et al., "The Lovasz-Softmax loss", CVPR 2018) of every row: a
+    convex surrogate of 1 - IoU of the mask ``logits > 0`` against ``labels``.
+
+    Args:
+        logits: (K, N) float, one row per mask. An entry with a ``logits`` of -inf and a
+            False label is padding: it adds nothing (a row's entries need not all count).
+        labels: (K, N) bool ground-truth masks; every row holds at least one True.
+
+    Returns:
+        (K,) float.
+    """
+    truth = labels.float()
+    errors = 1 - logits * (2 * truth - 1)
+    errors_sorted, order = errors.sort(dim=1, descending=True)
+    truth_sorted = truth.gather(1, order)
+    positives = truth_sorted.sum(dim=1, keepdim=True)
+    intersection = positives - truth_sorted.cumsum(dim=1)
+    union = positives + (1 - truth_sorted).cumsum(dim=1)
+    jaccard = 1 - intersection / union
+    # The gradient of the Lovasz extension: the IoU loss added by each next error.
+    step = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return (F.relu(errors_sorted) * step).sum(dim=1)
+
+
+def _padded_rows(rows: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, int]:
+    """For entries sorted by row, ``rows`` (P,) int64: each entry's column in a (num_rows,
+    longest row) padded matrix, and that length."""
+    counts = torch.bincount(rows, minlength=num_rows)
+    starts = torch.cumsum(counts, dim=0) - counts
+    columns = torch.arange(rows.numel(), device=rows.device) - starts.index_select(0, rows)
+    return columns, int(counts.max())
+
+
+def bandwidth_instance_loss(
+    offsets: torch.Tensor, log_bandwidth: torch.Tensor, instance_ids: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The instance loss of Neven et al. ("Instance Segmentation by Jointly Optimizing Spatial
+    Embeddings and Clustering Bandwidth", CVPR 2019) on the instance pixels of each image.
+
+    Pixel i's spatial embedding is ``e_i = position_i + offset_i``. Instance k has its
+    centroid C_k and a bandwidth ``s_k = exp(mean of log_bandwidth over its pixels)``; each
+    instance pixel belongs to it with ``phi_k(i) = exp(-|e_i - C_k|^2 / (2 s_k^2))``, and
+    the Lovasz hinge of ``2 phi_k - 1`` against instance k's mask is a surrogate of 1 - IoU
+    of the cluster ``phi_k > 0.5``. So offsets need not reach the centroid exactly, only
+    well inside a bandwidth that the network sets per instance and that must leave out the
+    neighbours' pixels, which is what grouping needs.
+
+    Instance k's hinge reads the instance pixels within ``3 r_k + 4`` pixels of C_k (r_k its
+    equivalent radius) and its own: the pixels of far instances point at their own, far
+    centres and would only cost time (a dense image holds hundreds of nuclei).
+
+    Args:
+        offsets: (B, 2, H, W) predicted (dy, dx) in pixels.
+        log_bandwidth: (B, 1, H, W) predicted log of the bandwidth in pixels.
+        instance_ids: (B, H, W) int64; 0 = no instance, k >= 1 = instance k.
+
+    Returns:
+        (instance loss, smoothness): the mean Lovasz hinge over the batch's instances, and
+        the mean squared deviation of the instance pixels' log-bandwidth from their
+        instance's (detached) mean. 0 without instances (keeping the graph).
+    """
+    positions = _pixel_positions(instance_ids).flatten(1)
+    hinges, smoothness = [], []
+    for image in range(instance_ids.shape[0]):
+        ids = instance_ids[image].flatten()
+        pixels = torch.nonzero(ids > 0).squeeze(1)
+        if pixels.numel() == 0:
+            continue
+        _, instance = torch.unique(ids.index_select(0, pixels), return_inverse=True)
+        num_instances = int(instance.max()) + 1
+        where = positions.index_select(1, pixels).t()
+        embedding = where + offsets[image].flatten(1).index_select(1, pixels).t()
+        area = torch.bincount(instance, minlength=num_instances).float()
+        centre = where.new_zeros(num_instances, 2).index_add_(0, instance, where) / area[:, None]
+        log_s = log_bandwidth[image, 0].flatten().index_select(0, pixels)
+        mean_log_s = log_s.new_zeros(num_instances).index_add_(0, instance, log_s) / area
+        smoothness.append((log_s - mean_log_s.detach().index_select(0, instance)).square())
+        # (instance, pixel) pairs that count, in row-major order.
+        reach = 3 * (area / math.pi).sqrt() + 4
+        near = torch.cdist(centre, where) < reach[:, None]
+        near[instance, torch.arange(pixels.numel(), device=pixels.device)] = True
+        rows, cols = torch.nonzero(near, as_tuple=True)
+        variance = torch.exp(2 * mean_log_s.clamp(*LOG_BANDWIDTH_RANGE))
+        distance2 = (embedding.index_select(0, cols) - centre.index_select(0, rows)).square()
+        phi = torch.exp(-distance2.sum(dim=1) / (2 * variance.index_select(0, rows)))
+        columns, longest = _padded_rows(rows, num_instances)
+        logits = phi.new_full((num_instances, longest), -math.inf)
+        logits = logits.index_put((rows, columns), 2 * phi - 1)
+        truth = torch.zeros_like(logits, dtype=torch.bool)
+        truth[rows, columns] = instance.index_select(0, cols) == rows
+        hinges.append(lovasz_hinge_rows(logits, truth))
+    if not hinges:
+        zero = (offsets.sum() + log_bandwidth.sum()) * 0
+        return zero, zero
+    return torch.cat(hinges).mean(), torch.cat(smoothness).mean()
+
+
 def spatial_embedding_losses(
     offsets: torch.Tensor,
     seed_logits: torch.Tensor,
@@ -627,12 +734,16 @@ def spatial_embedding_losses(
     seed_target: str = "depth",
     seed_sigma_scale: float = 0.5,
     seed_loss: str = "bce",
+    offset_loss: str = "l1",
+    log_bandwidth: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Losses of the spatial embeddings: offsets to the instance centre and the seed map.
 
     - Offsets: mean over instance pixels of the L1 distance between the predicted offset and
-      ``centroid - position`` (pixels), as Panoptic-DeepLab's offset loss.
+      ``centroid - position`` (pixels), as Panoptic-DeepLab's offset loss
+      (``offset_loss="l1"``); or (``"lovasz"``) :func:`bandwidth_instance_loss` with
+      ``log_bandwidth``, plus ``BANDWIDTH_SMOOTHNESS_WEIGHT`` times its smoothness term.
     - Seeds: on instance pixels the target is, with ``seed_target="depth"``, the normalised
       depth of :func:`instance_depth` (1 on the medial axis, low on the rim and where
       instances touch); with ``"gaussian"``, ``exp(-d^2 / (2 sigma^2))``, d the distance to
@@ -655,6 +766,8 @@ def spatial_embedding_losses(
         seed_target: "depth" or "gaussian".
         seed_sigma_scale: "gaussian": sigma relative to the instance's equivalent radius (> 0).
         seed_loss: "bce" or "focal".
+        offset_loss: "l1" or "lovasz".
+        log_bandwidth: (B, 1, H, W) predicted log-bandwidth in pixels ("lovasz" only).
 
     Returns:
         (offset loss, seed loss), scalar tensors (a term without pixels is 0 and keeps the
@@ -677,16 +790,28 @@ def spatial_embedding_losses(
         )
     if seed_loss not in SEED_LOSSES:
         raise ValueError(f"seed_loss must be one of {SEED_LOSSES}, got {seed_loss!r}.")
+    if offset_loss not in OFFSET_LOSSES:
+        raise ValueError(f"offset_loss must be one of {OFFSET_LOSSES}, got {offset_loss!r}.")
+    if offset_loss == "lovasz" and (
+        log_bandwidth is None or log_bandwidth.shape != seed_logits.shape
+    ):
+        raise ValueError(
+            f'offset_loss "lovasz" needs log_bandwidth of shape {tuple(seed_logits.shape)}, '
+            f"got {None if log_bandwidth is None else tuple(log_bandwidth.shape)}."
+        )
     offsets, seed_logits = offsets.float(), seed_logits.float()[:, 0]
     inside = (instance_ids > 0).float()
     background = (instance_ids <= 0).float() * (~ignore_mask.bool()).float()
     centres = instance_centres(instance_ids)
     to_centre = centres[0] - _pixel_positions(instance_ids)
     target = seed_map_target(instance_ids, seed_target, seed_sigma_scale, centres)
-    # Masked means as sums over clamped counts: no host sync, and 0 where nothing counts.
-    offset_loss = ((offsets - to_centre).abs().sum(dim=1) * inside).sum() / inside.sum().clamp(
-        min=1
-    )
+    if offset_loss == "lovasz":
+        hinge, smoothness = bandwidth_instance_loss(offsets, log_bandwidth.float(), instance_ids)
+        offset_loss = hinge + BANDWIDTH_SMOOTHNESS_WEIGHT * smoothness
+    else:
+        # Masked means as sums over clamped counts: no host sync, and 0 where nothing counts.
+        error = (offsets - to_centre).abs().sum(dim=1) * inside
+        offset_loss = error.sum() / inside.sum().clamp(min=1)
     if seed_loss == "focal":
         peaks = instance_peak_pixels(target, instance_ids)
         valid = (instance_ids > 0) | ~ignore_mask.bool()

@@ -17,6 +17,7 @@ from ..config import check_resize_mode
 from ..structures.label_maps import resize_label_map
 from .heads import build_embed_head
 from .losses import (
+    OFFSET_LOSSES,
     SEED_LOSSES,
     gate_loss,
     instance_contrastive_loss,
@@ -173,6 +174,7 @@ class MaskAttnUNet(nn.Module):
         seed_target: str = "depth",
         seed_sigma_scale: float = 0.5,
         seed_loss: str = "bce",
+        offset_loss: str = "l1",
         semantic_on: bool = True,
         instance_on: bool = True,
         panoptic_on: bool = True,
@@ -197,8 +199,8 @@ class MaskAttnUNet(nn.Module):
                 instance contrastive loss (lambda, tau, sampling), see
                 :func:`instance_contrastive_loss`; weight 0 disables it.
             gate_loss_weight: weight of the gate supervision; 0 disables it.
-            offset_loss_weight, seed_loss_weight, seed_target, seed_sigma_scale, seed_loss:
-                losses of the spatial embeddings (when the embedding head predicts them), see
+            offset_loss_weight, seed_loss_weight, seed_target, seed_sigma_scale, seed_loss,
+            offset_loss: losses of the spatial embeddings (when the embedding head predicts them), see
                 :func:`spatial_embedding_losses`.
             semantic_on, instance_on, panoptic_on: which outputs inference returns.
             test_flips: flipped views averaged with the image at inference (test-time
@@ -232,6 +234,11 @@ class MaskAttnUNet(nn.Module):
             raise ValueError(
                 f"MODEL.EMBED_HEAD.SEED_LOSS must be one of {SEED_LOSSES}, got {seed_loss!r}."
             )
+        if offset_loss not in OFFSET_LOSSES:
+            raise ValueError(
+                f"MODEL.EMBED_HEAD.OFFSET_LOSS must be one of {OFFSET_LOSSES}, got "
+                f"{offset_loss!r}."
+            )
         self.register_buffer("thing_ids", torch.tensor(sorted(thing_ids), dtype=torch.long), False)
         self.ignore_value = ignore_value
         self.sem_seg_loss_weight = sem_seg_loss_weight
@@ -247,6 +254,7 @@ class MaskAttnUNet(nn.Module):
         self.seed_target = seed_target
         self.seed_sigma_scale = seed_sigma_scale
         self.seed_loss = seed_loss
+        self.offset_loss = offset_loss
         self.semantic_on = semantic_on
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
@@ -284,6 +292,7 @@ class MaskAttnUNet(nn.Module):
             "seed_target": embed.SEED_TARGET,
             "seed_sigma_scale": embed.SEED_SIGMA_SCALE,
             "seed_loss": embed.SEED_LOSS,
+            "offset_loss": embed.OFFSET_LOSS,
             "semantic_on": post.SEMANTIC_ON,
             "instance_on": post.INSTANCE_ON,
             "panoptic_on": post.PANOPTIC_ON,
@@ -337,6 +346,8 @@ class MaskAttnUNet(nn.Module):
                     seed_target=self.seed_target,
                     seed_sigma_scale=self.seed_sigma_scale,
                     seed_loss=self.seed_loss,
+                    offset_loss=self.offset_loss,
+                    log_bandwidth=head_outputs.get("log_bandwidth"),
                 )
                 losses["loss_offset"] = self.offset_loss_weight * offset_loss
                 losses["loss_seed"] = self.seed_loss_weight * seed_loss

@@ -21,7 +21,9 @@ __all__ = [
 
 INSTANCE_METHODS = ("spatial_embedding", "embedding", "connected_components")
 # How "spatial_embedding" gives each pixel a seed.
-SEED_ASSIGNMENTS = ("offsets", "seed_ascent")
+SEED_ASSIGNMENTS = ("offsets", "seed_ascent", "bandwidth")
+# "bandwidth": rounds of seeding among the pixels no cluster has claimed.
+BANDWIDTH_ROUNDS = 2
 
 
 def _mean_class_probability(
@@ -236,6 +238,105 @@ def _climb_to_seeds(
     return climbed, a, b
 
 
+def _bandwidth_log_likelihood(
+    points: torch.Tensor,
+    point_groups: torch.Tensor,
+    seed_points: torch.Tensor,
+    seed_log_bandwidth: torch.Tensor,
+    seed_groups: torch.Tensor,
+) -> torch.Tensor:
+    """(N, S) ``log phi_s(point) = -|point - seed|^2 / (2 s^2)``, -inf for another group's
+    seed."""
+    variance = torch.exp(2 * seed_log_bandwidth.float())
+    log_phi = -torch.cdist(points, seed_points).square() / (2 * variance[None, :])
+    return log_phi.masked_fill(point_groups[:, None] != seed_groups[None, :], -math.inf)
+
+
+def _bandwidth_clusters(
+    seed_map: torch.Tensor,
+    thing: torch.Tensor,
+    spatial: torch.Tensor,
+    log_bandwidth: torch.Tensor,
+    groups: torch.Tensor,
+    thing_pixels: torch.Tensor,
+    *,
+    seed_threshold: float,
+    max_instances: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The "bandwidth" assignment of :func:`spatial_instance_map` (Neven et al.'s clustering,
+    in parallel rounds): the seeds (flat pixel indices) and each thing pixel's seed.
+
+    Each round takes the seeds (:func:`find_seeds`) among the thing pixels no cluster has
+    claimed yet, drops a seed that lies inside a stronger seed's cluster, and lets every
+    unclaimed pixel whose spatial embedding lies inside a seed's cluster (``phi > 0.5``,
+    with the seed's own bandwidth) claim the most likely one. Where a large object's seed
+    map has no peak of its own beside a stronger neighbour, the neighbour's cluster leaves
+    its pixels unclaimed and the next round seeds them. Pixels unclaimed after
+    ``BANDWIDTH_ROUNDS`` join the most likely seed of their group (-1 if it has none).
+    """
+    row_of_pixel = torch.full((thing.numel(),), -1, dtype=torch.long, device=thing.device)
+    row_of_pixel[thing_pixels] = torch.arange(thing_pixels.numel(), device=thing.device)
+    seed_of_point = torch.full_like(groups, -1)
+    all_seeds = thing_pixels.new_zeros(0)
+    unclaimed = thing.clone()
+    half = math.log(0.5)
+    for _ in range(BANDWIDTH_ROUNDS):
+        seeds = find_seeds(
+            seed_map,
+            unclaimed,
+            threshold=seed_threshold,
+            max_seeds=max_instances - all_seeds.numel(),
+        )
+        if seeds.numel() == 0:
+            break
+        rows = row_of_pixel.index_select(0, seeds)
+        seed_points, seed_groups = spatial.index_select(0, rows), groups.index_select(0, rows)
+        seed_log_s = log_bandwidth.index_select(0, seeds)
+        # A seed inside a stronger seed's cluster is that cluster's second peak.
+        inside = _bandwidth_log_likelihood(
+            seed_points, seed_groups, seed_points, seed_log_s, seed_groups
+        ) > half
+        kept, _ = _greedy_suppression(inside.tril(diagonal=-1).float(), sweeps=8)
+        seeds, rows = seeds[kept], rows[kept]
+        open_rows = torch.nonzero(unclaimed.flatten().index_select(0, thing_pixels)).squeeze(1)
+        log_phi = _bandwidth_log_likelihood(
+            spatial.index_select(0, open_rows),
+            groups.index_select(0, open_rows),
+            spatial.index_select(0, rows),
+            seed_log_s[kept],
+            groups.index_select(0, rows),
+        )
+        best, choice = log_phi.max(dim=1)
+        claimed = best > half
+        seed_of_point.index_copy_(
+            0, open_rows, torch.where(claimed, choice + all_seeds.numel(), -1)
+        )
+        all_seeds = torch.cat([all_seeds, seeds])
+        unclaimed.view(-1)[thing_pixels.index_select(0, open_rows[claimed])] = False
+        # The seeds themselves are claimed, even outside their own cluster.
+        unclaimed.view(-1)[seeds] = False
+    left = torch.nonzero(seed_of_point < 0).squeeze(1)
+    if all_seeds.numel() > 0 and left.numel() > 0:
+        rows = row_of_pixel.index_select(0, all_seeds)
+        log_phi = _bandwidth_log_likelihood(
+            spatial.index_select(0, left),
+            groups.index_select(0, left),
+            spatial.index_select(0, rows),
+            log_bandwidth.index_select(0, all_seeds),
+            groups.index_select(0, rows),
+        )
+        best, choice = log_phi.max(dim=1)
+        seed_of_point.index_copy_(0, left, torch.where(best > -math.inf, choice, -1))
+    # The seeds' own pixels join their own seed.
+    seed_of_point.index_copy_(
+        0,
+        row_of_pixel.index_select(0, all_seeds),
+        torch.arange(all_seeds.numel(), device=thing.device),
+    )
+    return all_seeds, seed_of_point
+
+
 def spatial_instance_map(
     sem: torch.Tensor,
     logits: torch.Tensor,
@@ -277,6 +378,11 @@ def spatial_instance_map(
        one instance. The seed map dips where two objects touch, which locates their boundary
        better than offsets that change smoothly across it. (With ``within_components`` False
        only the pixels that fall back to offsets may join another component's seed.)
+       With ``assignment="bandwidth"`` (needs ``head_outputs["log_bandwidth"]``, a model
+       trained with the "lovasz" offset loss) the seeds and pixels are clustered as Neven et
+       al. do, each seed's cluster the pixels within its own bandwidth
+       (:func:`_bandwidth_clusters`); ``seed_min_distance`` and ``embedding_weight`` are
+       not used.
     4. With ``merge_ratio`` > 0, instances of one component whose pixels point at one place
        are merged (:func:`merge_split_instances`): a second seed on one object splits it.
     5. A component without a seed becomes one instance (as connected components would).
@@ -320,7 +426,21 @@ def spatial_instance_map(
     groups = point_groups if within_components else torch.zeros_like(point_groups)
     num_seeds = seeds.numel()
     seed_groups = groups.index_select(0, seed_rows)
-    if assignment == "seed_ascent" and num_seeds > 0:
+    if assignment == "bandwidth":
+        seeds, seed_of_point = _bandwidth_clusters(
+            seed_map,
+            thing,
+            spatial,
+            head_outputs["log_bandwidth"][0].flatten(),
+            groups,
+            thing_pixels,
+            seed_threshold=seed_threshold,
+            max_instances=max_instances,
+        )
+        seed_rows = row_of_pixel.index_select(0, seeds)
+        num_seeds = seeds.numel()
+        seed_groups = groups.index_select(0, seed_rows)
+    elif assignment == "seed_ascent" and num_seeds > 0:
         seed_of_point, a, b = _climb_to_seeds(
             seed_map, components.view(h, w), thing, seeds, thing_pixels, saddle_depth
         )

@@ -86,8 +86,10 @@ class MaskAttnPostProcessor:
                 at centres closer than this times the larger equivalent radius are merged
                 (>= 0; 0 disables).
             seed_assignment: "spatial_embedding": "offsets" (every pixel joins the seed its
-                offset points nearest to) or "seed_ascent" (a pixel climbs the seed map to a
-                seed; offsets only where it reaches none), see :func:`spatial_instance_map`.
+                offset points nearest to), "seed_ascent" (a pixel climbs the seed map to a
+                seed; offsets only where it reaches none) or "bandwidth" (Neven et al.'s
+                clusters within each seed's learned bandwidth), see
+                :func:`spatial_instance_map`.
             saddle_depth: "seed_ascent": seeds whose basins meet less than this below the
                 lower seed value are one instance (>= 0).
             upsample_thing_boundaries: resize the panoptic map with thing boundaries from the
@@ -374,6 +376,8 @@ class MaskAttnPostProcessor:
         needed = dict(self._NEEDED_OUTPUTS[self.instance_method])
         if self.instance_method == "spatial_embedding" and self.embedding_weight > 0:
             needed["embeddings"] = None
+        if self.instance_method == "spatial_embedding" and self.seed_assignment == "bandwidth":
+            needed["log_bandwidth"] = 1
         return needed
 
     def _check_inputs(self, sem_logits, head_outputs, output_size, needs_instances: bool) -> None:
@@ -387,11 +391,13 @@ class MaskAttnPostProcessor:
         for key, channels in self.needed_head_outputs(needs_instances).items():
             value = None if head_outputs is None else head_outputs.get(key)
             if value is None:
-                hint = (
-                    " (set MODEL.EMBED_HEAD.SPATIAL_ON True and train with it)"
-                    if key in ("offsets", "seed_logits")
-                    else ""
-                )
+                hints = {
+                    "offsets": " (set MODEL.EMBED_HEAD.SPATIAL_ON True and train with it)",
+                    "seed_logits": " (set MODEL.EMBED_HEAD.SPATIAL_ON True and train with it)",
+                    "log_bandwidth": ' (set MODEL.EMBED_HEAD.OFFSET_LOSS "lovasz" and train '
+                    "with it)",
+                }
+                hint = hints.get(key, "")
                 raise ValueError(
                     f'instance_method "{self.instance_method}" needs the embedding head '
                     f'output "{key}", which is missing{hint}.'
