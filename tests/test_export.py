@@ -407,3 +407,25 @@ def test_embedding_head_on_two_decoder_outputs_exports(tmp_path):
         expected = model([{"image": image}])
     ort_model = ONNXRuntimeModel(cfg, path, num_threads=1)
     _assert_same_predictions(expected, ort_model([{"image": image}]))
+
+
+def test_learned_bandwidth_exports_and_groups_as_in_pytorch(tmp_path):
+    """With EMBED_HEAD.OFFSET_LOSS lovasz the network has a "log_bandwidth" output; the
+    exported one feeds SEED_ASSIGNMENT bandwidth as the PyTorch model does."""
+    cfg = _cfg(
+        SMALL,
+        [
+            "MODEL.EMBED_HEAD.OFFSET_LOSS", "lovasz",
+            "MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT", "bandwidth",
+        ],
+    )
+    model = _random_model(cfg)
+    network = ExportableNetwork(model)
+    assert network.output_names[-1] == "log_bandwidth"
+    path = str(tmp_path / "bandwidth.onnx")
+    export_onnx(network, path, metadata=network_metadata(cfg, network))
+    image = _chw(render_scene(np.random.default_rng(4), 96, 160)[0])
+    with torch.no_grad():
+        expected = model([{"image": image}])
+    ort_model = ONNXRuntimeModel(cfg, path, num_threads=1)
+    _assert_same_predictions(expected, ort_model([{"image": image}]))

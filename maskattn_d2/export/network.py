@@ -6,7 +6,8 @@ model does (``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD``, or per image with
 ``MODEL.PER_IMAGE_NORMALIZATION``). Outputs, all at network resolution:
 ``"sem_logits_nhwc"`` (B, h, w, K), the class logits channels last, then the embedding head's
 outputs in the order it returns them (``"embeddings"`` (B, D, h, w), and with spatial
-embeddings ``"offsets"`` (B, 2, h, w) and ``"seed_logits"`` (B, 1, h, w)) -- what
+embeddings ``"offsets"`` (B, 2, h, w) and ``"seed_logits"`` (B, 1, h, w), with a learned
+bandwidth ``"log_bandwidth"`` (B, 1, h, w)) -- what
 ``MaskAttnUNet.inference(do_postprocess=False)`` returns, the logits as the channels-last view
 ``permute(0, 3, 1, 2)`` of (B, K, h, w), so the model's post-processor runs on them unchanged.
 Channels last, the post-processing's per-pixel class reductions read contiguous rows (with 133
