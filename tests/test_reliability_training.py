@@ -603,6 +603,10 @@ def test_unknown_or_mistyped_config_keys_stop_train_net(tmp_path):
         (["MODEL.EMBED_HEAD.NAME", "foo"], r"No object named 'foo' found in 'EMBED_HEAD'"),
         (["MODEL.EMBED_HEAD.SEED_TARGET", "foo"], r"MODEL.EMBED_HEAD.SEED_TARGET must be .*'foo'"),
         (["MODEL.EMBED_HEAD.SEED_LOSS", "foo"], r"MODEL.EMBED_HEAD.SEED_LOSS must be .*'foo'"),
+        (["MODEL.EMBED_HEAD.OFFSET_LOSS", "foo"],
+         r"MODEL.EMBED_HEAD.OFFSET_LOSS must be .*'foo'"),
+        (["MODEL.MASK_ATTN_POSTPROCESS.SEED_ASSIGNMENT", "foo"],
+         r"seed_assignment must be one of .*'foo'"),
         # 3 stages: strides up to 4, so 66 does not divide.
         (["INPUT.NETWORK_SIZE", "(66, 66)"], r"INPUT.NETWORK_SIZE \(66, 66\) .* multiples of 4"),
         # The default 5 stages need multiples of 16.

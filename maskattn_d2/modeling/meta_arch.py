@@ -200,8 +200,8 @@ class MaskAttnUNet(nn.Module):
                 :func:`instance_contrastive_loss`; weight 0 disables it.
             gate_loss_weight: weight of the gate supervision; 0 disables it.
             offset_loss_weight, seed_loss_weight, seed_target, seed_sigma_scale, seed_loss,
-            offset_loss: losses of the spatial embeddings (when the embedding head predicts them), see
-                :func:`spatial_embedding_losses`.
+            offset_loss: losses of the spatial embeddings (when the embedding head predicts
+                them), see :func:`spatial_embedding_losses`.
             semantic_on, instance_on, panoptic_on: which outputs inference returns.
             test_flips: flipped views averaged with the image at inference (test-time
                 augmentation, :func:`run_with_flips`): names among "horizontal", "vertical",
