@@ -803,12 +803,12 @@ def spatial_embedding_losses(
     inside = (instance_ids > 0).float()
     background = (instance_ids <= 0).float() * (~ignore_mask.bool()).float()
     centres = instance_centres(instance_ids)
-    to_centre = centres[0] - _pixel_positions(instance_ids)
     target = seed_map_target(instance_ids, seed_target, seed_sigma_scale, centres)
     if offset_loss == "lovasz":
         hinge, smoothness = bandwidth_instance_loss(offsets, log_bandwidth.float(), instance_ids)
         offset_loss = hinge + BANDWIDTH_SMOOTHNESS_WEIGHT * smoothness
     else:
+        to_centre = centres[0] - _pixel_positions(instance_ids)
         # Masked means as sums over clamped counts: no host sync, and 0 where nothing counts.
         error = (offsets - to_centre).abs().sum(dim=1) * inside
         offset_loss = error.sum() / inside.sum().clamp(min=1)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..losses import LOG_BANDWIDTH_RANGE
 from .ascent import ascent_roots, ridge_joined_pairs, same_region_edges
 from .clustering import _greedy_suppression, assign_to_seeds, cluster_embeddings, find_seeds
 from .components import _component_maxima, label_map_components
@@ -246,8 +247,8 @@ def _bandwidth_log_likelihood(
     seed_groups: torch.Tensor,
 ) -> torch.Tensor:
     """(N, S) ``log phi_s(point) = -|point - seed|^2 / (2 s^2)``, -inf for another group's
-    seed."""
-    variance = torch.exp(2 * seed_log_bandwidth.float())
+    seed; ``log s`` clamped to the training loss's range."""
+    variance = torch.exp(2 * seed_log_bandwidth.float().clamp(*LOG_BANDWIDTH_RANGE))
     log_phi = -torch.cdist(points, seed_points).square() / (2 * variance[None, :])
     return log_phi.masked_fill(point_groups[:, None] != seed_groups[None, :], -math.inf)
 
