@@ -231,3 +231,18 @@ def test_postprocessor_asks_for_the_bandwidth_by_its_config_key():
     del head["log_bandwidth"]
     with pytest.raises(ValueError, match='OFFSET_LOSS "lovasz"'):
         post(logits, head, (16, 16))
+
+
+def test_bandwidth_assignment_survives_a_collapsed_or_huge_bandwidth():
+    # The halves' offsets point exactly at their own centres (0 px from their seed's).
+    sem, logits, head = _side_by_side(second_peak=True)
+    # exp(2 log s) underflows to 0: clamped, each seed still claims the pixels that point
+    # exactly at it, so the halves stay two instances.
+    head["log_bandwidth"] = torch.full((1, 16, 16), -100.0)
+    labels, scores = _instances(sem, logits, head, "bandwidth")
+    assert labels[4:10, 2:8].unique().numel() == 1 and labels[4:10, 8:14].unique().numel() == 1
+    assert int(labels[4, 2]) != int(labels[4, 13]) and torch.isfinite(scores).all()
+    # It overflows to inf: one cluster holds everything.
+    head["log_bandwidth"] = torch.full((1, 16, 16), 100.0)
+    labels, scores = _instances(sem, logits, head, "bandwidth")
+    assert labels[4:10, 2:14].unique().tolist() == [0] and torch.isfinite(scores).all()
