@@ -696,8 +696,8 @@ def bandwidth_instance_loss(
         pixels = torch.nonzero(ids > 0).squeeze(1)
         if pixels.numel() == 0:
             continue
-        _, instance = torch.unique(ids.index_select(0, pixels), return_inverse=True)
-        num_instances = int(instance.max()) + 1
+        present, instance = torch.unique(ids.index_select(0, pixels), return_inverse=True)
+        num_instances = present.numel()
         where = positions.index_select(1, pixels).t()
         embedding = where + offsets[image].flatten(1).index_select(1, pixels).t()
         area = torch.bincount(instance, minlength=num_instances).float()

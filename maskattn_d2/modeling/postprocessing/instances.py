@@ -260,6 +260,8 @@ def _bandwidth_clusters(
     log_bandwidth: torch.Tensor,
     groups: torch.Tensor,
     thing_pixels: torch.Tensor,
+    row_of_pixel: torch.Tensor,
+    first_seeds: torch.Tensor,
     *,
     seed_threshold: float,
     max_instances: int,
@@ -275,15 +277,15 @@ def _bandwidth_clusters(
     map has no peak of its own beside a stronger neighbour, the neighbour's cluster leaves
     its pixels unclaimed and the next round seeds them. Pixels unclaimed after
     ``BANDWIDTH_ROUNDS`` join the most likely seed of their group (-1 if it has none).
+    ``first_seeds`` are the first round's (:func:`find_seeds` on all thing pixels);
+    ``row_of_pixel`` maps a flat pixel index to its row of ``spatial``.
     """
-    row_of_pixel = torch.full((thing.numel(),), -1, dtype=torch.long, device=thing.device)
-    row_of_pixel[thing_pixels] = torch.arange(thing_pixels.numel(), device=thing.device)
     seed_of_point = torch.full_like(groups, -1)
     all_seeds = thing_pixels.new_zeros(0)
     unclaimed = thing.clone()
     half = math.log(0.5)
-    for _ in range(BANDWIDTH_ROUNDS):
-        seeds = find_seeds(
+    for round_index in range(BANDWIDTH_ROUNDS):
+        seeds = first_seeds if round_index == 0 else find_seeds(
             seed_map,
             unclaimed,
             threshold=seed_threshold,
@@ -299,14 +301,14 @@ def _bandwidth_clusters(
             seed_points, seed_groups, seed_points, seed_log_s, seed_groups
         ) > half
         kept, _ = _greedy_suppression(inside.tril(diagonal=-1).float(), sweeps=8)
-        seeds, rows = seeds[kept], rows[kept]
+        seeds = seeds[kept]
         open_rows = torch.nonzero(unclaimed.flatten().index_select(0, thing_pixels)).squeeze(1)
         log_phi = _bandwidth_log_likelihood(
             spatial.index_select(0, open_rows),
             groups.index_select(0, open_rows),
-            spatial.index_select(0, rows),
+            seed_points[kept],
             seed_log_s[kept],
-            groups.index_select(0, rows),
+            seed_groups[kept],
         )
         best, choice = log_phi.max(dim=1)
         claimed = best > half
@@ -409,7 +411,7 @@ def spatial_instance_map(
     row_of_pixel = torch.full((h * w,), -1, dtype=torch.long, device=device)
     row_of_pixel[thing_pixels] = torch.arange(thing_pixels.numel(), device=device)
     seed_rows = row_of_pixel.index_select(0, seeds)
-    if seeds.numel() > 1 and seed_min_distance > 0:
+    if seeds.numel() > 1 and seed_min_distance > 0 and assignment != "bandwidth":
         seed_spatial = spatial.index_select(0, seed_rows)
         stronger_close = (torch.cdist(seed_spatial, seed_spatial) < seed_min_distance).tril_(-1)
         # Undecided after the sweeps (long chains of close seeds): dropped, like suppressed.
@@ -435,6 +437,8 @@ def spatial_instance_map(
             head_outputs["log_bandwidth"][0].flatten(),
             groups,
             thing_pixels,
+            row_of_pixel,
+            seeds,
             seed_threshold=seed_threshold,
             max_instances=max_instances,
         )

@@ -391,13 +391,13 @@ class MaskAttnPostProcessor:
         for key, channels in self.needed_head_outputs(needs_instances).items():
             value = None if head_outputs is None else head_outputs.get(key)
             if value is None:
-                hints = {
-                    "offsets": " (set MODEL.EMBED_HEAD.SPATIAL_ON True and train with it)",
-                    "seed_logits": " (set MODEL.EMBED_HEAD.SPATIAL_ON True and train with it)",
+                spatial_hint = " (set MODEL.EMBED_HEAD.SPATIAL_ON True and train with it)"
+                hint = {
+                    "offsets": spatial_hint,
+                    "seed_logits": spatial_hint,
                     "log_bandwidth": ' (set MODEL.EMBED_HEAD.OFFSET_LOSS "lovasz" and train '
                     "with it)",
-                }
-                hint = hints.get(key, "")
+                }.get(key, "")
                 raise ValueError(
                     f'instance_method "{self.instance_method}" needs the embedding head '
                     f'output "{key}", which is missing{hint}.'
