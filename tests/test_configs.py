@@ -48,3 +48,34 @@ def test_config_builds_a_model_that_runs(path):
     assert out["sem_seg"].shape == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 37, 53)
     if cfg.MODEL.MASK_ATTN_POSTPROCESS.PANOPTIC_ON:
         assert out["panoptic_seg"][0].shape == (37, 53)
+
+
+def _flat(node, prefix=""):
+    """A config as {"A.B.C": value}."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_dsb_256_config_is_the_128_recipe_at_another_resolution():
+    """The 256 config inherits the 128 recipe; only resolution- and budget-bound keys differ, so
+    a recipe change made at 128 cannot leave the 256 config behind."""
+    low = _flat(load_config(CONFIG_DIR / "dsb2018_panoptic_128.yaml"))
+    high = _flat(load_config(CONFIG_DIR / "dsb2018_panoptic_256.yaml"))
+    differing = {key for key in low if low[key] != high[key]}
+    assert differing == {
+        "INPUT.NETWORK_SIZE",
+        "INPUT.MIN_SIZE_TEST",
+        "INPUT.MIN_INSTANCE_PIXELS",
+        "MODEL.MASK_ATTN_POSTPROCESS.MIN_INSTANCE_AREA",
+        "SOLVER.MAX_ITER",
+        "TEST.AUG.ENABLED",
+        "TEST.AUG.VERTICAL_FLIP",
+        "TEST.PAPER_PROTOCOL",
+        "OUTPUT_DIR",
+    }
+    assert high["INPUT.NETWORK_SIZE"] == (256, 256) and high["SOLVER.MAX_ITER"] == 800
