@@ -194,6 +194,11 @@ def add_maskattn_config(cfg):
     # bilinearly upsampled thing probability crosses 0.5 (smooth outlines of small objects);
     # False resizes by nearest neighbour (blocks of network pixels).
     cfg.MODEL.MASK_ATTN_POSTPROCESS.UPSAMPLE_THING_BOUNDARIES = True
+    # Connectivity of the thing mask's connected components, the instances of
+    # "connected_components" and the regions "spatial_embedding" groups within: 8 (diagonal
+    # neighbours connect; OpenCV's and scikit-image's default) or 4 (objects that meet only
+    # at a corner stay apart).
+    cfg.MODEL.MASK_ATTN_POSTPROCESS.CONNECTIVITY = 8
     # Instances smaller than this many pixels (at network resolution) are dropped.
     cfg.MODEL.MASK_ATTN_POSTPROCESS.MIN_INSTANCE_AREA = 8
     # Most instances kept per image (highest scores first).

@@ -176,6 +176,36 @@ def test_connected_components_merges_touching_same_class_instances(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["connected_components", "spatial_embedding"])
+def test_connectivity_decides_whether_corner_touching_cars_are_one_region(device, method):
+    # Two 10x10 cars that meet only at a corner; one seed, in the first. 8-connected they are
+    # one region: connected components merge them and the spatial grouping gives the second
+    # the first's seed. 4-connected they are two: the seedless one becomes its own instance.
+    sem = torch.full(NET, SKY, dtype=torch.long)
+    sem[10:20, 10:20] = CAR
+    sem[20:30, 20:30] = CAR
+    logits = F.one_hot(sem, 5).permute(2, 0, 1).float() * 6
+    ys, xs = torch.meshgrid(torch.arange(NET[0]).float(), torch.arange(NET[1]).float(),
+                            indexing="ij")
+    seeds = torch.exp(-((ys - 14.5) ** 2 + (xs - 14.5) ** 2) / 8.0) * (sem == CAR)
+    head = {
+        "embeddings": F.normalize(torch.ones(8, *NET), dim=0),
+        "offsets": torch.zeros(2, *NET),
+        "seed_logits": torch.logit(seeds.clamp(1e-3, 1 - 1e-3))[None],
+    }
+    head = {k: v.to(device) for k, v in head.items()}
+    counts = {}
+    for connectivity in (8, 4):
+        post = _postprocessor(
+            instance_method=method, seed_assignment="seed_ascent", connectivity=connectivity
+        )
+        counts[connectivity] = len(post(logits.to(device), head, NET)["instances"])
+    assert counts == {8: 1, 4: 2}
+    with pytest.raises(ValueError, match="connectivity must be 4 or 8, got 6"):
+        _postprocessor(connectivity=6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["spatial_embedding", "embedding", "connected_components"])
 def test_panoptic_output_stuff_area_and_consistency(device, method):
     logits, embeddings = _scene(device)

@@ -355,12 +355,13 @@ def spatial_instance_map(
     merge_ratio: float = 0.0,
     assignment: str = "offsets",
     saddle_depth: float = 0.02,
+    connectivity: int = 8,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Instances from the spatial embeddings, grouped inside the semantic components.
 
     1. The thing pixels are split into connected components of equal semantic class
-       (8-connected), so an instance never spans two classes or two separate blobs. With
+       (``connectivity`` 8 or 4), so an instance never spans two classes or two separate blobs. With
        ``within_components`` False (the ablation) a pixel may join any seed.
     2. Seeds are the local maxima of the seed map above ``seed_threshold`` on thing pixels
        (:func:`find_seeds`), at most ``max_instances``. A flat or noisy top gives one
@@ -401,7 +402,7 @@ def spatial_instance_map(
     device = sem.device
     offsets, seed_map = head_outputs["offsets"], torch.sigmoid(head_outputs["seed_logits"][0])
     thing = is_thing.index_select(0, sem.flatten()).view(h, w)
-    components = label_map_components(sem, thing, connectivity=8).flatten()
+    components = label_map_components(sem, thing, connectivity).flatten()
     seeds = find_seeds(seed_map, thing, threshold=seed_threshold, max_seeds=max_instances)
     thing_pixels = torch.nonzero(thing.flatten()).squeeze(1)
     ys = torch.div(thing_pixels, w, rounding_mode="floor").float()

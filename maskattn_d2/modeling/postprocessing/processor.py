@@ -60,6 +60,7 @@ class MaskAttnPostProcessor:
         seed_assignment: str = "offsets",
         saddle_depth: float = 0.02,
         upsample_thing_boundaries: bool = True,
+        connectivity: int = 8,
         min_instance_area: int = 8,
         max_instances: int = 100,
         stuff_area: int = 16,
@@ -72,7 +73,7 @@ class MaskAttnPostProcessor:
             thing_ids: contiguous ids of the thing classes, each in [0, K).
             instance_method: "spatial_embedding" (seeds and offsets to the instance centre,
                 inside the semantic components), "embedding" (cluster the learned pixel
-                embeddings by cosine similarity) or "connected_components" (8-connected
+                embeddings by cosine similarity) or "connected_components" (connected
                 components of the semantic map per class).
             similarity_threshold: "embedding": cosine similarity to join a cluster, in (-1, 1).
             seed_threshold: "spatial_embedding": least seed value of a seed, in [0, 1).
@@ -94,6 +95,8 @@ class MaskAttnPostProcessor:
                 lower seed value are one instance (>= 0).
             upsample_thing_boundaries: resize the panoptic map with thing boundaries from the
                 upsampled thing probability (:func:`upsample_segment_map`); False: nearest.
+            connectivity: 8 (diagonal neighbours connect) or 4: the connected components of
+                "connected_components" and those "spatial_embedding" groups within.
             min_instance_area: instances with fewer pixels (network resolution) are dropped.
             max_instances: most instances per image, highest scores first.
             stuff_area: stuff segments with fewer pixels (network resolution) become void.
@@ -126,6 +129,8 @@ class MaskAttnPostProcessor:
             )
         if saddle_depth < 0:
             raise ValueError(f"saddle_depth must be >= 0, got {saddle_depth}.")
+        if connectivity not in (4, 8):
+            raise ValueError(f"connectivity must be 4 or 8, got {connectivity}.")
         if embedding_weight < 0:
             raise ValueError(f"embedding_weight must be >= 0, got {embedding_weight}.")
         if max_instances < 1:
@@ -144,6 +149,7 @@ class MaskAttnPostProcessor:
         self.embedding_weight = embedding_weight
         self.within_components = within_components
         self.upsample_thing_boundaries = upsample_thing_boundaries
+        self.connectivity = connectivity
         self.merge_ratio = merge_ratio
         self.seed_assignment = seed_assignment
         self.saddle_depth = saddle_depth
@@ -169,6 +175,7 @@ class MaskAttnPostProcessor:
             "seed_assignment": post.SEED_ASSIGNMENT,
             "saddle_depth": post.SADDLE_DEPTH,
             "upsample_thing_boundaries": post.UPSAMPLE_THING_BOUNDARIES,
+            "connectivity": post.CONNECTIVITY,
             "min_instance_area": post.MIN_INSTANCE_AREA,
             "max_instances": post.MAX_INSTANCES,
             "stuff_area": post.STUFF_AREA,
@@ -216,6 +223,7 @@ class MaskAttnPostProcessor:
                 merge_ratio=self.merge_ratio,
                 assignment=self.seed_assignment,
                 saddle_depth=self.saddle_depth,
+                connectivity=self.connectivity,
                 min_instance_area=self.min_instance_area,
                 max_instances=self.max_instances,
             )
@@ -231,7 +239,11 @@ class MaskAttnPostProcessor:
             )
         else:
             instance_map, classes, scores = connected_component_instance_map(
-                sem, logits, is_thing, min_instance_area=self.min_instance_area, connectivity=8
+                sem,
+                logits,
+                is_thing,
+                min_instance_area=self.min_instance_area,
+                connectivity=self.connectivity,
             )
         order = torch.argsort(scores, descending=True)
         order = order[scores[order] >= self.score_threshold][: self.max_instances]
