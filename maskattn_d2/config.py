@@ -223,6 +223,11 @@ def add_maskattn_config(cfg):
     # Aspect handling when resizing to NETWORK_SIZE: only "stretch" (a plain resize that does
     # not keep the aspect, as the paper) is implemented; other values are rejected.
     cfg.INPUT.RESIZE_MODE = "stretch"
+    # PIL filter of the resize to NETWORK_SIZE, in training (the random resized crop) and at
+    # evaluation alike: "bilinear", "bicubic" or "lanczos". PIL widens the filter by the
+    # downscaling factor, so each antialiases; Lanczos keeps more of the detail (the thin dark
+    # gaps between touching nuclei of a 1000-pixel image shrunk to 128).
+    cfg.INPUT.RESIZE_INTERPOLATION = "bilinear"
     # Random resized crop in training: range of the crop's area fraction of the image.
     cfg.INPUT.RANDOM_CROP_SCALE = (0.5, 1.0)
     # Probability of a horizontal flip in training.

@@ -24,6 +24,14 @@ from PIL import Image
 
 from ..config import check_resize_mode
 
+# INPUT.RESIZE_INTERPOLATION: the PIL filters an image may be resized to the network size with.
+# PIL widens each filter by the downscaling factor, so all of them antialias.
+RESIZE_INTERPOLATIONS = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+}
+
 __all__ = [
     "HFlipTransform",
     "LookupBlendTransform",
@@ -282,6 +290,7 @@ def train_augmentations(
     square_symmetries: bool = False,
     color_jitter: float = 0.2,
     image_format: str = "RGB",
+    interp: int = Image.BILINEAR,
 ) -> List[T.Augmentation]:
     """Training augmentations ending at ``network_size``.
 
@@ -295,12 +304,15 @@ def train_augmentations(
             [1 - color_jitter, 1 + color_jitter] (0 disables).
         image_format: channel order of the images ("RGB" or "BGR"; others need
             ``color_jitter == 0``).
+        interp: PIL filter of the image's resize (:data:`RESIZE_INTERPOLATIONS`).
     """
     if not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
     if not 0.0 <= color_jitter < 1.0:
         raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
-    augs: List[T.Augmentation] = [RandomResizedCrop(network_size, scale=crop_scale)]
+    augs: List[T.Augmentation] = [
+        RandomResizedCrop(network_size, scale=crop_scale, interp=interp)
+    ]
     if flip_prob > 0:
         augs.append(RandomFlip(prob=flip_prob, horizontal=True, vertical=False))
     if square_symmetries:
@@ -320,14 +332,27 @@ def train_augmentations(
     return augs
 
 
-def eval_augmentations(network_size: Sequence[int]) -> List[T.Augmentation]:
-    """Evaluation augmentations: a stretch resize to ``network_size`` (height, width)."""
-    return [T.Resize(_check_size(network_size))]
+def eval_augmentations(
+    network_size: Sequence[int], interp: int = Image.BILINEAR
+) -> List[T.Augmentation]:
+    """Evaluation augmentations: a stretch resize to ``network_size`` (height, width) with the
+    PIL filter ``interp``."""
+    return [T.Resize(_check_size(network_size), interp)]
+
+
+def resize_interpolation(cfg) -> int:
+    """The PIL filter named by cfg.INPUT.RESIZE_INTERPOLATION."""
+    name = cfg.INPUT.RESIZE_INTERPOLATION
+    if name not in RESIZE_INTERPOLATIONS:
+        raise ValueError(
+            f"INPUT.RESIZE_INTERPOLATION {name!r} is not one of {sorted(RESIZE_INTERPOLATIONS)}."
+        )
+    return RESIZE_INTERPOLATIONS[name]
 
 
 def build_train_augmentations(cfg) -> List[T.Augmentation]:
     """``train_augmentations`` from cfg.INPUT (NETWORK_SIZE, RANDOM_CROP_SCALE, FLIP_PROB,
-    SQUARE_SYMMETRIES, COLOR_JITTER, FORMAT)."""
+    SQUARE_SYMMETRIES, COLOR_JITTER, FORMAT, RESIZE_INTERPOLATION)."""
     check_resize_mode(cfg)
     return train_augmentations(
         cfg.INPUT.NETWORK_SIZE,
@@ -336,10 +361,11 @@ def build_train_augmentations(cfg) -> List[T.Augmentation]:
         square_symmetries=cfg.INPUT.SQUARE_SYMMETRIES,
         color_jitter=cfg.INPUT.COLOR_JITTER,
         image_format=cfg.INPUT.FORMAT,
+        interp=resize_interpolation(cfg),
     )
 
 
 def build_test_augmentations(cfg) -> List[T.Augmentation]:
-    """``eval_augmentations`` from cfg.INPUT.NETWORK_SIZE (test-time augmentations)."""
+    """``eval_augmentations`` from cfg.INPUT.NETWORK_SIZE and RESIZE_INTERPOLATION."""
     check_resize_mode(cfg)
-    return eval_augmentations(cfg.INPUT.NETWORK_SIZE)
+    return eval_augmentations(cfg.INPUT.NETWORK_SIZE, resize_interpolation(cfg))

@@ -468,3 +468,33 @@ def test_mapper_rejects_augmentations_not_ending_at_network_size(tmp_path):
     mapper = _colour_mapper(augmentations=eval_augmentations((64, 64)), num_classes=None)
     with pytest.raises(ValueError, match="network size"):
         mapper(d)
+
+
+def test_resize_interpolation_reaches_training_and_evaluation_resizes():
+    """INPUT.RESIZE_INTERPOLATION sets the PIL filter of both the training crop's resize and the
+    evaluation resize: a whole-image crop and the evaluation resize give PIL's own Lanczos
+    result, unlike its bilinear one; an unknown name is rejected naming the key."""
+    cfg = get_cfg()
+    add_maskattn_config(cfg)
+    cfg.INPUT.NETWORK_SIZE = (32, 32)
+    cfg.INPUT.RANDOM_CROP_SCALE = (1.0, 1.0)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (200, 160, 3), dtype=np.uint8)
+    pil = {
+        f: np.asarray(Image.fromarray(image).resize((32, 32), f))
+        for f in (Image.BILINEAR, Image.LANCZOS)
+    }
+    assert not np.array_equal(pil[Image.BILINEAR], pil[Image.LANCZOS])
+    for name, expected in (("bilinear", Image.BILINEAR), ("lanczos", Image.LANCZOS)):
+        cfg.INPUT.RESIZE_INTERPOLATION = name
+        crop = build_train_augmentations(cfg)[0]
+        np.random.seed(0)
+        crop_output = crop.get_transform(image).apply_image(image)
+        test_output = build_test_augmentations(cfg)[0].get_transform(image).apply_image(image)
+        assert np.array_equal(crop_output, pil[expected])
+        assert np.array_equal(test_output, pil[expected])
+    cfg.INPUT.RESIZE_INTERPOLATION = "area"
+    with pytest.raises(ValueError, match="RESIZE_INTERPOLATION 'area'"):
+        build_test_augmentations(cfg)
+    with pytest.raises(ValueError, match="RESIZE_INTERPOLATION"):
+        build_train_augmentations(cfg)
